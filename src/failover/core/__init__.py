@@ -1,0 +1,1 @@
+"""Store-agnostic machinery: endpoints, probes, breakers, the switch, monitors, events."""

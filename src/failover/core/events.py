@@ -1,0 +1,169 @@
+"""Events: what happened, to which store, when and why.
+
+Events are immutable and named ``<Subject><PastTense>``. Subscribe a callable
+with :meth:`EventBus.subscribe`; it is called synchronously, in the order events
+happen, and must not block (schedule I/O on the loop instead). A listener that
+raises is logged and does not stop the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .endpoint import Role
+
+__all__ = [
+    "SwitchState",
+    "Event",
+    "StateChanged",
+    "FailoverStarted",
+    "FailbackStarted",
+    "FailbackCompleted",
+    "StoreUnavailable",
+    "StoreRecovered",
+    "EndpointHealthChanged",
+    "BreakerTripped",
+    "ProbeCompleted",
+    "OperationRetried",
+    "EventBus",
+    "Listener",
+]
+
+logger = logging.getLogger("failover.events")
+
+
+class SwitchState(enum.StrEnum):
+    ON_PRIMARY = "ON_PRIMARY"
+    ON_FALLBACK = "ON_FALLBACK"
+    RECONCILING = "RECONCILING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of every event. ``at`` is wall-clock seconds (display only)."""
+
+    store: str
+    at: float
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: (str(v) if isinstance(v, enum.Enum) else v) for k, v in asdict(self).items()}
+        data["kind"] = self.kind
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class StateChanged(Event):
+    """The switch of a store moved. Subclasses say which way."""
+
+    from_state: SwitchState
+    to_state: SwitchState
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverStarted(StateChanged):
+    """Traffic moved from the primary to the fallback."""
+
+
+@dataclass(frozen=True, slots=True)
+class FailbackStarted(StateChanged):
+    """The primary is back; writes made on the fallback are being reconciled."""
+
+
+@dataclass(frozen=True, slots=True)
+class FailbackCompleted(StateChanged):
+    """Traffic is back on the primary."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreUnavailable(StateChanged):
+    """No endpoint of the store is usable."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRecovered(StateChanged):
+    """An endpoint became usable after the store was unavailable."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointHealthChanged(Event):
+    """An endpoint crossed its healthy/unhealthy threshold."""
+
+    role: Role
+    endpoint: str
+    healthy: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerTripped(Event):
+    """Live operations failed on an endpoint at the connection level."""
+
+    role: Role
+    endpoint: str
+    failures: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeCompleted(Event):
+    """One probe finished (successful or not)."""
+
+    role: Role
+    endpoint: str
+    usable: bool
+    latency: float | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OperationRetried(Event):
+    """An operation that failed before reaching a server was retried on the other endpoint."""
+
+    from_role: Role
+    to_role: Role
+    reason: str
+
+
+Listener = Callable[[Event], None]
+
+
+class EventBus:
+    """Fan-out of events to subscribers, with a bounded memory of recent ones."""
+
+    def __init__(self, history: int = 200) -> None:
+        self._listeners: list[Listener] = []
+        self.recent: collections.deque[Event] = collections.deque(maxlen=history)
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call *listener* for every event; returns a function that unsubscribes it."""
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def emit(self, event: Event) -> None:
+        if not isinstance(event, ProbeCompleted):
+            self.recent.append(event)
+        for listener in tuple(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not break failover
+                logger.exception("event listener %r failed on %s", listener, event.kind)
+
+    def since(self, kinds: Iterable[type[Event]] | None = None) -> list[Event]:
+        kinds = tuple(kinds) if kinds else (Event,)
+        return [e for e in self.recent if isinstance(e, kinds)]

@@ -1,0 +1,479 @@
+"""A store with a primary and a fallback: the generic half that every driver shares.
+
+A :class:`Backend` knows one driver: how to open and drain a client for an
+endpoint, how to probe it, and how to classify the driver's errors. The
+:class:`FailoverStore` owns everything else: health, breaker, switch, monitor,
+routing with retries, status.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextvars
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+from .._urls import redact_text
+from ..errors import NoEndpointAvailable, OperationTimeout, OutcomeUnknown
+from .clock import Clock, SystemClock
+from .endpoint import Endpoint, ProbeResult, Role
+from .events import EventBus, OperationRetried, StateChanged, SwitchState
+from .health import EndpointHealth
+from .monitor import Monitor
+from .switch import Switch
+
+__all__ = ["Backend", "ErrorKind", "FailoverStore", "StoreOptions", "attempt_deadline"]
+
+logger = logging.getLogger("failover.store")
+
+T = TypeVar("T")
+
+_attempt_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("failover_attempt_deadline", default=None)
+
+
+def attempt_deadline() -> float | None:
+    """The ``time.monotonic()`` by which the current routed attempt must finish, if any.
+
+    Drivers whose cancellation is slow (psycopg) use it to cut their socket just in time.
+    """
+    return _attempt_deadline.get()
+ClientT = TypeVar("ClientT")
+
+
+class ErrorKind(enum.Enum):
+    """What a driver error means for routing."""
+
+    NOT_SENT = "not_sent"
+    """The operation never reached the server (refused, pool empty, dead pooled socket): retry elsewhere."""
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    """The connection broke after the operation was sent: it may have been applied."""
+    APPLICATION = "application"
+    """The server answered with an error about the operation itself: not our business."""
+
+
+class Backend(abc.ABC, Generic[ClientT]):
+    """What failover needs to know about one driver."""
+
+    store: str
+
+    @abc.abstractmethod
+    async def open(self, endpoint: Endpoint) -> None:
+        """Create the client/pool of *endpoint* without waiting for the server."""
+
+    @abc.abstractmethod
+    async def drain(self, endpoint: Endpoint) -> None:
+        """Close the pooled connections of *endpoint*; the client may be re-opened later."""
+
+    async def warm(self, endpoint: Endpoint, timeout: float) -> None:
+        """Make *endpoint* ready for a burst of traffic (called before failback)."""
+        await self.open(endpoint)
+
+    @abc.abstractmethod
+    async def close(self, endpoint: Endpoint) -> None:
+        """Release everything held for *endpoint*."""
+
+    @abc.abstractmethod
+    async def probe(self, endpoint: Endpoint) -> bool:
+        """Check *endpoint*; return whether it accepts writes, raise when unreachable.
+
+        The caller bounds it with the probe timeout.
+        """
+
+    @abc.abstractmethod
+    def classify(self, exc: BaseException) -> ErrorKind:
+        """Say what *exc*, raised by this driver, means for routing."""
+
+
+class StoreOptions:
+    """The tuning a store reads from :class:`~failover.Settings`."""
+
+    def __init__(
+        self,
+        *,
+        probe_interval: float,
+        probe_timeout: float,
+        operation_timeout: float,
+        unhealthy_threshold: int,
+        healthy_threshold: int,
+        breaker_threshold: int,
+        failback_delay: float,
+        history_size: int = 50,
+    ) -> None:
+        for name, value in (
+            ("probe_interval", probe_interval),
+            ("probe_timeout", probe_timeout),
+            ("operation_timeout", operation_timeout),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name} must be greater than 0")
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.operation_timeout = operation_timeout
+        self.unhealthy_threshold = unhealthy_threshold
+        self.healthy_threshold = healthy_threshold
+        self.breaker_threshold = breaker_threshold
+        self.failback_delay = failback_delay
+        self.history_size = history_size
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> StoreOptions:
+        return cls(
+            probe_interval=settings.health_check_interval,
+            probe_timeout=settings.probe_timeout,
+            operation_timeout=settings.operation_timeout,
+            unhealthy_threshold=settings.unhealthy_threshold,
+            healthy_threshold=settings.healthy_threshold,
+            breaker_threshold=settings.breaker_threshold,
+            failback_delay=settings.failback_delay,
+            history_size=settings.history_size,
+        )
+
+
+class FailoverStore(Generic[ClientT]):
+    """One store (postgres, mongodb or redis) with its endpoints, switch and monitor."""
+
+    def __init__(
+        self,
+        backend: Backend[ClientT],
+        endpoints: list[Endpoint],
+        options: StoreOptions,
+        *,
+        bus: EventBus | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ValueError(f"the {backend.store} store needs at least one endpoint")
+        self.name = backend.store
+        self.backend = backend
+        self.options = options
+        self.bus = bus or EventBus()
+        self.clock = clock or SystemClock()
+        self.endpoints: dict[Role, Endpoint] = {ep.role: ep for ep in endpoints}
+        self.health: dict[Role, EndpointHealth] = {
+            ep.role: EndpointHealth(
+                ep,
+                unhealthy_threshold=options.unhealthy_threshold,
+                healthy_threshold=options.healthy_threshold,
+                breaker_threshold=options.breaker_threshold,
+                clock=self.clock,
+                bus=self.bus,
+            )
+            for ep in endpoints
+        }
+        self.switch = Switch(
+            self.name,
+            self.health.get(Role.PRIMARY),
+            self.health.get(Role.FALLBACK),
+            failback_delay=options.failback_delay,
+            clock=self.clock,
+            bus=self.bus,
+            history_size=options.history_size,
+        )
+        self.monitor = Monitor(self, options.probe_interval)
+        self.counters = {"operations": 0, "retries": 0, "errors": 0}
+        self._started = False
+        self._background: set[asyncio.Task[Any]] = set()
+        self._unsubscribe = self.bus.subscribe(self._on_event)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open clients, run the first probes, pick the starting endpoint, start the monitor."""
+        if self._started:
+            return
+        for endpoint in self.endpoints.values():
+            await self.backend.open(endpoint)
+        await self.probe_round(evaluate=False)
+        self.switch.initialize()
+        # Pools are filled only for endpoints that answered: a dead endpoint's pool
+        # would spend its life reconnecting in the background.
+        usable = [h.endpoint for h in self.health.values() if h.healthy]
+        results = await asyncio.gather(
+            *(self.backend.warm(ep, self.options.probe_timeout) for ep in usable), return_exceptions=True
+        )
+        for endpoint, result in zip(usable, results):
+            if isinstance(result, BaseException):
+                logger.warning("warming %s %s failed: %s", self.name, endpoint.name, self.describe(endpoint, result))
+        self.monitor.start()
+        self._started = True
+
+    async def close(self) -> None:
+        await self.monitor.stop()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for endpoint in self.endpoints.values():
+            try:
+                await self.backend.close(endpoint)
+            except Exception:
+                logger.exception("closing %s %s failed", self.name, endpoint.name)
+        self._unsubscribe()
+        self._started = False
+
+    # --- probing --------------------------------------------------------------------------
+
+    async def probe(self, role: Role) -> ProbeResult:
+        """Probe one endpoint, never raising, bounded by the probe timeout."""
+        endpoint = self.endpoints[role]
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.options.probe_timeout):
+                writable = await self.backend.probe(endpoint)
+        except TimeoutError:
+            return ProbeResult(role, False, False, None, f"probe timed out after {self.options.probe_timeout:g}s", self.clock.monotonic())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return ProbeResult(role, False, False, None, self.describe(endpoint, exc), self.clock.monotonic())
+        latency = time.monotonic() - started
+        error = None if writable else "reachable but read-only (not a writable primary)"
+        return ProbeResult(role, True, writable, latency, error, self.clock.monotonic())
+
+    async def probe_round(self, evaluate: bool = True) -> None:
+        """Probe every endpoint at once, record the results, then let the switch decide."""
+        roles = list(self.endpoints)
+        results = await asyncio.gather(*(self.probe(role) for role in roles))
+        for result in results:
+            self.health[result.role].record_probe(result)
+        if not evaluate:
+            return
+        primary = self.health.get(Role.PRIMARY)
+        if (
+            self.switch.state is SwitchState.ON_FALLBACK
+            and primary is not None
+            and primary.healthy
+            and primary.healthy_for() >= self.switch.failback_delay
+        ):
+            # Open the primary's pool before traffic lands on it.
+            try:
+                await self.backend.warm(primary.endpoint, self.options.probe_timeout)
+            except Exception as exc:
+                logger.warning("warming %s %s failed: %s", self.name, primary.endpoint.name, self.describe(primary.endpoint, exc))
+                return
+        self.switch.evaluate()
+
+    # --- routing --------------------------------------------------------------------------
+
+    def endpoint_for(self, role: Role) -> Endpoint:
+        return self.endpoints[role]
+
+    async def run(
+        self,
+        operation: Callable[[Endpoint], Awaitable[T]],
+        *,
+        idempotent: bool = False,
+        timeout: float | None = None,
+        label: str = "operation",
+    ) -> T:
+        """Run *operation* on the active endpoint, retrying elsewhere when that is safe.
+
+        *operation* receives the endpoint to use. It is retried on the other
+        endpoint when the driver says it never reached the server, or, when
+        *idempotent*, after any connection-level failure. The whole call, retries
+        included, is bounded by *timeout* (default: the operation timeout).
+        """
+        self.counters["operations"] += 1
+        budget = self.options.operation_timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        tried: list[Role] = []
+        failures: list[str] = []
+        while True:
+            roles = [r for r in self.switch.candidates() if r not in tried]
+            if not roles:
+                self.counters["errors"] += 1
+                raise NoEndpointAvailable(
+                    f"{self.name}: no endpoint could take the {label}: " + ("; ".join(failures) or self._why_unavailable()),
+                    store=self.name,
+                    endpoint=self.endpoints[tried[-1]].name if tried else None,
+                )
+            role = roles[0]
+            endpoint = self.endpoints[role]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.counters["errors"] += 1
+                raise OperationTimeout(
+                    f"{self.name}: {label} did not finish within {budget:g}s ({'; '.join(failures)})",
+                    store=self.name,
+                    endpoint=endpoint.name,
+                )
+            # An idempotent operation keeps time for a second attempt elsewhere.
+            attempt = remaining
+            if idempotent and self._has_candidate([*tried, role]):
+                attempt = min(remaining, max(self.options.probe_timeout, remaining / 2))
+            token = _attempt_deadline.set(time.monotonic() + attempt)
+            try:
+                async with asyncio.timeout(attempt):
+                    result = await operation(endpoint)
+            except TimeoutError as exc:
+                reason = f"{label} timed out on {endpoint.name} after {attempt:.2g}s"
+                if attempt >= self.options.probe_timeout:
+                    # As slow as a failed probe: the endpoint is hung. A shorter
+                    # attempt only ran out of the caller's budget.
+                    self.record_failure(role, reason)
+                tried.append(role)
+                failures.append(reason)
+                if idempotent and self._has_candidate(tried) and deadline - time.monotonic() > 0:
+                    self._note_retry(role, reason)
+                    continue
+                self.counters["errors"] += 1
+                raise OperationTimeout(
+                    f"{self.name}: {label} did not finish within {budget:g}s on {endpoint.name}; it may or may not have been applied",
+                    store=self.name,
+                    endpoint=endpoint.name,
+                ) from exc
+            except Exception as exc:
+                kind = self.backend.classify(exc)
+                if kind is ErrorKind.APPLICATION:
+                    self.health[role].record_operation_success()
+                    raise
+                reason = self.describe(endpoint, exc)
+                self.record_failure(role, reason)
+                tried.append(role)
+                failures.append(f"{endpoint.name}: {reason}")
+                if kind is ErrorKind.NOT_SENT or idempotent:
+                    self._note_retry(role, reason)
+                    continue
+                self.counters["errors"] += 1
+                raise OutcomeUnknown(
+                    f"{self.name}: connection to {endpoint.name} failed during the {label}; "
+                    f"it may or may not have been applied ({reason})",
+                    store=self.name,
+                    endpoint=endpoint.name,
+                ) from exc
+            else:
+                self.health[role].record_operation_success()
+                return result
+            finally:
+                _attempt_deadline.reset(token)
+
+    def lost_during(self, endpoint: Endpoint, exc: BaseException, label: str = "operation") -> BaseException:
+        """Account for *exc* raised after an operation was handed to *endpoint*.
+
+        Returns the exception the caller should raise: the driver's own for
+        application errors, :class:`OutcomeUnknown` for connection failures.
+        """
+        if isinstance(exc, TimeoutError):
+            self.record_failure(endpoint.role, f"{label} timed out")
+            self.counters["errors"] += 1
+            err: OutcomeUnknown = OperationTimeout(
+                f"{self.name}: {label} on {endpoint.name} did not finish within its deadline; "
+                "it may or may not have been applied",
+                store=self.name,
+                endpoint=endpoint.name,
+            )
+            return err
+        kind = self.backend.classify(exc)
+        if kind is ErrorKind.APPLICATION:
+            return exc
+        reason = self.describe(endpoint, exc)
+        self.record_failure(endpoint.role, reason)
+        self.counters["errors"] += 1
+        if kind is ErrorKind.NOT_SENT:
+            return exc  # known not applied (e.g. a read-only server refused it): the driver's error says it best
+        return OutcomeUnknown(
+            f"{self.name}: connection to {endpoint.name} failed during the {label}; "
+            f"it may or may not have been applied ({reason})",
+            store=self.name,
+            endpoint=endpoint.name,
+        )
+
+    def record_failure(self, role: Role, reason: str) -> None:
+        """A live operation failed at the connection level on *role*: feed the breaker."""
+        if self.health[role].record_operation_failure(reason):
+            self.switch.evaluate()
+        self.monitor.wake()
+
+    def _has_candidate(self, tried: list[Role]) -> bool:
+        return any(r not in tried for r in self.switch.candidates())
+
+    def _note_retry(self, role: Role, reason: str) -> None:
+        self.counters["retries"] += 1
+        self.bus.emit(
+            OperationRetried(store=self.name, at=self.clock.wall(), from_role=role, to_role=role.other, reason=reason)
+        )
+
+    def _why_unavailable(self) -> str:
+        return "; ".join(f"{h.endpoint.name}: {h.reason}" for h in self.health.values())
+
+    def describe(self, endpoint: Endpoint, exc: BaseException) -> str:
+        """A one-line, password-free description of *exc*."""
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return redact_text(f"{type(exc).__name__}: {text}", endpoint.secrets)[:300]
+
+    # --- events ---------------------------------------------------------------------------
+
+    def _on_event(self, event: Any) -> None:
+        if not isinstance(event, StateChanged) or event.store != self.name:
+            return
+        previous = _active_role(event.from_state)
+        current = _active_role(event.to_state)
+        if previous is not None and previous is not current and previous in self.endpoints:
+            # Drop pooled connections to the endpoint we left, so no request keeps using it.
+            self._spawn(self.backend.drain(self.endpoints[previous]), f"drain {previous}")
+
+    def _spawn(self, coro: Awaitable[Any], what: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(_logged(coro, f"{self.name}: {what}"))  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The seed-shaped status of this store, with details under extra keys."""
+        active = self.switch.active_role
+        primary = self.health.get(Role.PRIMARY)
+        fallback = self.health.get(Role.FALLBACK)
+        now = self.clock.monotonic()
+        return {
+            "using_primary": active is Role.PRIMARY,
+            "primary_available": bool(primary and primary.available),
+            "fallback_available": bool(fallback and fallback.available),
+            "primary_healthy": bool(primary and primary.healthy),
+            "current_db": self.endpoints[active].name if active is not None else None,
+            "state": str(self.switch.state),
+            "active_role": str(active) if active else None,
+            "pinned": str(self.switch.pinned) if self.switch.pinned else None,
+            "endpoints": {str(role): _endpoint_status(h, now) for role, h in self.health.items()},
+            "transitions": [t.to_dict() for t in reversed(self.switch.history)],
+            "counters": dict(self.counters, switches=self.switch.switches),
+        }
+
+
+def _active_role(state: SwitchState) -> Role | None:
+    if state is SwitchState.ON_PRIMARY:
+        return Role.PRIMARY
+    if state in (SwitchState.ON_FALLBACK, SwitchState.RECONCILING):
+        return Role.FALLBACK
+    return None
+
+
+def _endpoint_status(health: EndpointHealth, now: float) -> dict[str, Any]:
+    probe = health.last_probe
+    return {
+        "name": health.endpoint.name,
+        "url": health.endpoint.redacted_url,
+        "healthy": health.healthy,
+        "available": health.available,
+        "breaker_open": health.tripped,
+        "reason": health.reason,
+        "probe_latency_ms": round(probe.latency * 1000, 2) if probe and probe.latency is not None else None,
+        "last_probe_age_s": round(now - probe.at, 2) if probe else None,
+        "last_error": probe.error if probe else None,
+    }
+
+
+async def _logged(coro: Awaitable[Any], what: str) -> None:
+    try:
+        await coro
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("%s failed", what)

@@ -1,0 +1,97 @@
+"""Errors raised by failover.
+
+Every error derives from :class:`FailoverError`. Whether retrying can help is
+visible in the tree::
+
+    FailoverError
+     ├── ConfigurationError          settings are invalid; fix the environment
+     ├── StoreNotConfigured          the store has no URL; nothing to route to
+     ├── ClosedError                 the Databases object is closed or not started
+     └── OperationError              an operation could not be completed
+          ├── NoEndpointAvailable    [retryable later] no endpoint accepted the
+          │                          operation before it reached a server
+          └── OutcomeUnknown         [not retried] the connection failed after the
+               │                     operation may have reached the server
+               └── OperationTimeout  the operation ran past its deadline
+
+Errors the database itself returns (a unique violation, a syntax error, a
+``WRONGTYPE`` reply) are not wrapped: they reach the caller as the driver's own
+exception, because they are about the operation, not about availability.
+
+No message ever contains a password: URLs are shown through
+:func:`failover.redact_url`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClosedError",
+    "ConfigurationError",
+    "FailoverError",
+    "NoEndpointAvailable",
+    "OperationError",
+    "OperationTimeout",
+    "OutcomeUnknown",
+    "StoreNotConfigured",
+]
+
+
+class FailoverError(Exception):
+    """The root of every error raised by failover."""
+
+
+class ConfigurationError(FailoverError, ValueError):
+    """The settings are invalid. The message names the environment variable."""
+
+
+class StoreNotConfigured(FailoverError):
+    """A store was used that has no URL configured."""
+
+    def __init__(self, store: str, variables: str) -> None:
+        super().__init__(f"the {store} store is not configured: set {variables}")
+        self.store = store
+
+
+class ClosedError(FailoverError):
+    """The object was used before ``start()`` or after ``close()``."""
+
+
+class OperationError(FailoverError):
+    """An operation on a store failed for availability reasons.
+
+    Attributes:
+        store: ``postgres``, ``mongodb`` or ``redis``.
+        endpoint: display name of the endpoint involved last, if any.
+        retryable: whether the caller may safely run the operation again.
+    """
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, store: str, endpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.store = store
+        self.endpoint = endpoint
+
+
+class NoEndpointAvailable(OperationError):
+    """No endpoint of the store could take the operation.
+
+    The operation never reached a server, so retrying it later is safe.
+    """
+
+    retryable = True
+
+
+class OutcomeUnknown(OperationError):
+    """The connection failed after the operation may have reached the server.
+
+    It may or may not have been applied. failover does not re-execute it,
+    because a non-idempotent operation (an INSERT, an INCR) could then be
+    applied twice. The caller decides, knowing its semantics.
+    """
+
+    retryable = False
+
+
+class OperationTimeout(OutcomeUnknown):
+    """The operation did not finish within its deadline (``FAILOVER_OPERATION_TIMEOUT``)."""

@@ -1,0 +1,1 @@
+"""One module per store: connect, probe, classify errors, route operations."""

@@ -1,0 +1,378 @@
+"""PostgreSQL through psycopg 3 and psycopg_pool, with a pool per endpoint.
+
+Routing rules:
+
+* acquiring a connection never sends a statement, so an acquisition that fails
+  (refused, pool cannot connect, a pooled socket found dead) is retried on the
+  other endpoint;
+* a pooled connection is checked without a round trip before it is handed out:
+  if its socket already saw the server hang up, the server is probed and, when
+  it is down, the breaker trips and the request goes to the fallback;
+* once the caller's block has run statements, a connection failure raises
+  :class:`~failover.errors.OutcomeUnknown`; nothing is re-executed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg import AsyncConnection
+
+from ..core.endpoint import Endpoint, Role
+from ..core.store import Backend, ErrorKind, FailoverStore, attempt_deadline
+
+__all__ = ["PostgresBackend", "PostgresStore"]
+
+logger = logging.getLogger("failover.postgres")
+
+# SQLSTATE classes/codes that mean "this connection or server is gone".
+_CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+_READ_ONLY_SQLSTATE = "25006"
+
+_PROBE_SQL = (
+    "select pg_is_in_recovery(), current_setting('transaction_read_only'), "
+    "current_setting('default_transaction_read_only')"
+)
+
+
+class _NotSent(Exception):
+    """Internal: acquisition failed before any statement was sent."""
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.__cause__ = cause
+
+
+class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
+    """psycopg pools, probes and error classification for the failover core."""
+
+    store = "postgres"
+
+    def __init__(self, *, pool_min_size: int = 1, pool_max_size: int = 10, connect_timeout: float = 2.0) -> None:
+        if pool_max_size < max(pool_min_size, 1):
+            raise ValueError("pool_max_size must be greater or equal than pool_min_size")
+        self.pool_min_size = pool_min_size
+        self.pool_max_size = pool_max_size
+        self.connect_timeout = connect_timeout
+        self._pools: dict[Role, psycopg_pool.AsyncConnectionPool] = {}
+        self._locks: dict[Role, asyncio.Lock] = {}
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        # libpq wants whole seconds and at least 2.
+        return {"connect_timeout": max(2, int(round(self.connect_timeout))), "application_name": "failover"}
+
+    async def open(self, endpoint: Endpoint) -> None:
+        self._locks.setdefault(endpoint.role, asyncio.Lock())
+
+    async def _connect(self, endpoint: Endpoint, **kwargs: Any) -> AsyncConnection[Any]:
+        async with asyncio.timeout(self.connect_timeout):
+            return await AsyncConnection.connect(endpoint.url, **self._connect_kwargs(), **kwargs)
+
+    async def pool(self, endpoint: Endpoint) -> psycopg_pool.AsyncConnectionPool:
+        """The pool of *endpoint*, created on first use.
+
+        A new pool is created only after a direct connection succeeded, so a
+        request never waits a whole pool timeout on a server that refuses.
+        """
+        pool = self._pools.get(endpoint.role)
+        if pool is not None:
+            return pool
+        async with self._locks.setdefault(endpoint.role, asyncio.Lock()):
+            pool = self._pools.get(endpoint.role)
+            if pool is not None:
+                return pool
+            try:
+                conn = await self._connect(endpoint)
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                raise _NotSent(f"cannot connect: {exc}", exc) from exc
+            await conn.close()
+            pool = psycopg_pool.AsyncConnectionPool(
+                endpoint.url,
+                min_size=self.pool_min_size,
+                max_size=self.pool_max_size,
+                kwargs=self._connect_kwargs(),
+                open=False,
+                name=f"failover-{endpoint.store}-{endpoint.role}",
+                timeout=30.0,
+                reconnect_timeout=60.0,
+            )
+            await pool.open(wait=False)
+            self._pools[endpoint.role] = pool
+            return pool
+
+    async def warm(self, endpoint: Endpoint, timeout: float) -> None:
+        pool = await self.pool(endpoint)
+        if self.pool_min_size:
+            await pool.wait(timeout=timeout)
+
+    async def drain(self, endpoint: Endpoint) -> None:
+        pool = self._pools.pop(endpoint.role, None)
+        if pool is not None:
+            logger.info("draining the pool of %s", endpoint.name)
+            await pool.close(timeout=1.0)
+
+    async def close(self, endpoint: Endpoint) -> None:
+        await self.drain(endpoint)
+
+    async def probe(self, endpoint: Endpoint) -> bool:
+        conn = await self._connect(endpoint, autocommit=True)
+        try:
+            cur = await conn.execute(_PROBE_SQL)
+            row = await cur.fetchone()
+        finally:
+            await conn.close()
+        assert row is not None
+        in_recovery, read_only, default_read_only = row
+        return not in_recovery and read_only == "off" and default_read_only == "off"
+
+    def classify(self, exc: BaseException) -> ErrorKind:
+        if isinstance(exc, (_NotSent, psycopg_pool.PoolClosed)):
+            return ErrorKind.NOT_SENT
+        if isinstance(exc, psycopg.Error):
+            sqlstate = exc.sqlstate
+            if sqlstate == _READ_ONLY_SQLSTATE:
+                return ErrorKind.NOT_SENT  # refused before anything was applied; the server is not writable
+            if sqlstate is None and isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+                return ErrorKind.OUTCOME_UNKNOWN
+            if sqlstate is not None and sqlstate.startswith(_CONNECTION_SQLSTATES):
+                return ErrorKind.OUTCOME_UNKNOWN
+            return ErrorKind.APPLICATION
+        if isinstance(exc, (OSError, ConnectionError)):
+            return ErrorKind.OUTCOME_UNKNOWN
+        return ErrorKind.APPLICATION
+
+    # --- acquisition ----------------------------------------------------------------------
+
+    async def acquire(
+        self, endpoint: Endpoint, timeout: float, probe_timeout: float
+    ) -> tuple[AsyncConnection[Any], psycopg_pool.AsyncConnectionPool]:
+        """A live connection of *endpoint*'s pool; raises ``_NotSent`` when there is none."""
+        deadline = time.monotonic() + timeout
+        for _ in range(self.pool_max_size + 1):
+            pool = await self.pool(endpoint)
+            try:
+                conn = await pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
+            except psycopg_pool.PoolTimeout as exc:
+                if pool.get_stats().get("pool_size", 0) > 0:
+                    raise  # saturated by live traffic, not down: the caller's problem, not a failover
+                raise _NotSent("the pool could not open a connection in time", exc) from exc
+            except psycopg_pool.PoolClosed as exc:  # drained by a switch in the meantime
+                raise _NotSent("the pool was drained by a switch", exc) from exc
+            if _socket_alive(conn):
+                return conn, pool
+            await pool.putconn(conn)  # broken: the pool discards it
+            try:
+                async with asyncio.timeout(probe_timeout):
+                    writable = await self.probe(endpoint)
+            except Exception as exc:
+                raise _NotSent(f"pooled connection was dead and the server does not answer: {exc}", exc) from exc
+            if not writable:
+                raise _NotSent("pooled connection was dead and the server is read-only now")
+            # The server is fine; that connection was just old. Take another.
+        raise _NotSent("every pooled connection was dead")
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {str(role): pool.get_stats() for role, pool in self._pools.items()}
+
+
+class _Deadline:
+    """Cut a connection's socket when its time is up.
+
+    Cancelling a psycopg query makes psycopg try to cancel it on the server and
+    wait for that (up to 10 s on a hung server). Shutting the socket down
+    instead makes the pending read fail at once, and the connection is then
+    known to be unusable.
+    """
+
+    def __init__(self, conn: AsyncConnection[Any], seconds: float) -> None:
+        self.conn = conn
+        self.fired = False
+        self._handle = asyncio.get_running_loop().call_later(max(0.0, seconds), self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        try:
+            fd = self.conn.pgconn.socket
+            sock = socket.socket(fileno=os.dup(fd))
+        except (psycopg.Error, OSError, ValueError):
+            return
+        with sock:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+def _socket_alive(conn: AsyncConnection[Any]) -> bool:
+    """True unless the connection's socket already saw the server hang up.
+
+    Costs no round trip: a socket with nothing to read is taken as alive; one
+    that is readable while idle is consumed, which fails on EOF/reset.
+    """
+    if conn.closed or conn.broken:
+        return False
+    try:
+        fd = conn.pgconn.socket
+        readable, _, _ = select.select([fd], [], [], 0)
+        if not readable:
+            return True
+        conn.pgconn.consume_input()
+    except (psycopg.Error, OSError, ValueError):
+        return False
+    return conn.pgconn.status == psycopg.pq.ConnStatus.OK
+
+
+class PostgresStore:
+    """The PostgreSQL side of :class:`~failover.Databases` (``dbs.postgres``).
+
+    Use :meth:`connection` for transactions, or the one-statement helpers
+    :meth:`execute`, :meth:`fetch` and :meth:`fetchone`.
+    """
+
+    def __init__(self, store: FailoverStore[Any], backend: PostgresBackend) -> None:
+        self.failover = store
+        self.backend = backend
+
+    async def _lease(self, budget: float) -> tuple[AsyncConnection[Any], psycopg_pool.AsyncConnectionPool, Endpoint]:
+        store = self.failover
+
+        async def acquire(endpoint: Endpoint) -> tuple[AsyncConnection[Any], psycopg_pool.AsyncConnectionPool, Endpoint]:
+            conn, pool = await self.backend.acquire(endpoint, budget, store.options.probe_timeout)
+            return conn, pool, endpoint
+
+        # Acquiring sends no statement, so it is always safe to retry elsewhere.
+        return await store.run(acquire, idempotent=True, timeout=budget, label="connection acquire")
+
+    @asynccontextmanager
+    async def connection(self, *, timeout: float | None = None) -> AsyncIterator[AsyncConnection[Any]]:
+        """A psycopg ``AsyncConnection`` on the active endpoint, in a transaction.
+
+        On normal exit the transaction is committed, on an exception rolled back,
+        like ``psycopg_pool``'s ``connection()``. The whole block, acquisition
+        included, is bounded by *timeout* (default ``FAILOVER_OPERATION_TIMEOUT``).
+
+        Raises:
+            NoEndpointAvailable: no endpoint could give a connection.
+            OutcomeUnknown: the connection failed while the block ran; the
+                transaction may or may not have been committed.
+            OperationTimeout: the block ran past its deadline.
+        """
+        budget = self.failover.options.operation_timeout if timeout is None else timeout
+        started = time.monotonic()
+        conn, pool, endpoint = await self._lease(budget)
+        deadline = _Deadline(conn, budget - (time.monotonic() - started))
+        healthy_exit = False
+        try:
+            try:
+                yield conn
+                await conn.commit()
+                healthy_exit = True
+            except BaseException:
+                if not conn.broken and not conn.closed and not deadline.fired:
+                    try:
+                        await conn.rollback()
+                        healthy_exit = True
+                    except BaseException:
+                        pass
+                raise
+        except (psycopg.Error, OSError) as exc:
+            if deadline.fired:
+                raise self.failover.lost_during(endpoint, TimeoutError(), "transaction") from exc
+            mapped = self.failover.lost_during(endpoint, exc, "transaction")
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        finally:
+            deadline.cancel()
+            if not healthy_exit and not conn.closed:
+                await conn.close()  # never hand a connection in an unknown state back to the pool
+            await pool.putconn(conn)
+        self.failover.health[endpoint.role].record_operation_success()
+
+    async def _statement(self, query: Any, params: Sequence[Any] | dict[str, Any] | None, fetch: str, idempotent: bool, timeout: float | None) -> Any:
+        store = self.failover
+        budget = store.options.operation_timeout if timeout is None else timeout
+
+        started = time.monotonic()
+
+        async def run(endpoint: Endpoint) -> Any:
+            conn, pool = await self.backend.acquire(endpoint, budget, store.options.probe_timeout)
+            # Fire just before the router's own deadline so the socket is cut, not the task cancelled.
+            ends = attempt_deadline() or (started + budget)
+            deadline = _Deadline(conn, ends - time.monotonic() - 0.01)
+            ok = False
+            try:
+                cur = await conn.execute(query, params)
+                if fetch == "all":
+                    result: Any = await cur.fetchall()
+                elif fetch == "one":
+                    result = await cur.fetchone()
+                else:
+                    result = cur.rowcount
+                await conn.commit()
+                ok = True
+                return result
+            except (psycopg.Error, OSError) as exc:
+                if deadline.fired:
+                    raise TimeoutError("the statement ran past its deadline") from exc
+                raise
+            finally:
+                deadline.cancel()
+                if not ok and not conn.closed:
+                    if conn.broken or deadline.fired:
+                        await conn.close()
+                    else:
+                        try:
+                            await conn.rollback()
+                        except BaseException:
+                            await conn.close()
+                await pool.putconn(conn)
+
+        return await store.run(run, idempotent=idempotent, timeout=budget, label="statement")
+
+    async def execute(
+        self,
+        query: Any,
+        params: Sequence[Any] | dict[str, Any] | None = None,
+        *,
+        idempotent: bool = False,
+        timeout: float | None = None,
+    ) -> int:
+        """Run one statement in its own transaction; return the row count.
+
+        Pass ``idempotent=True`` when running it twice is harmless (an UPSERT to
+        a fixed value), so a connection failure may be retried on the other endpoint.
+        """
+        return int(await self._statement(query, params, "none", idempotent, timeout))
+
+    async def fetch(
+        self, query: Any, params: Sequence[Any] | dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> list[Any]:
+        """Run a read-only query and return every row (retried elsewhere on connection failure)."""
+        return list(await self._statement(query, params, "all", True, timeout))
+
+    async def fetchone(
+        self, query: Any, params: Sequence[Any] | dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """Run a read-only query and return its first row or None."""
+        return await self._statement(query, params, "one", True, timeout)
+
+    @property
+    def active_endpoint(self) -> Endpoint | None:
+        role = self.failover.switch.active_role
+        return self.failover.endpoints[role] if role is not None else None
+
+    def status(self) -> dict[str, Any]:
+        return self.failover.status()

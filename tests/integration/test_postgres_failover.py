@@ -1,0 +1,354 @@
+"""PostgreSQL failover on real servers: crash, hang, recovery, flapping, both down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from failover import (
+    Databases,
+    FailbackCompleted,
+    FailoverError,
+    FailoverStarted,
+    NoEndpointAvailable,
+    OperationTimeout,
+    OutcomeUnknown,
+    Role,
+    SwitchState,
+)
+from failover.core.events import EndpointHealthChanged, Event
+from failover.local import LocalServer
+
+from ..helpers import Traffic, fast_settings, wait_for
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = "create table if not exists items (id bigint primary key, note text not null)"
+
+
+def server_count(server: LocalServer, where: str = "true") -> int:
+    with psycopg.connect(server.url, connect_timeout=2) as conn:
+        conn.execute(SCHEMA)
+        row = conn.execute(f"select count(*) from items where {where}").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def prepare(*servers: LocalServer) -> None:
+    for server in servers:
+        with psycopg.connect(server.url, connect_timeout=2) as conn:
+            conn.execute(SCHEMA)
+
+
+def state(dbs: Databases) -> SwitchState:
+    return dbs.store("postgres").switch.state
+
+
+async def databases(primary: LocalServer | None, fallback: LocalServer | None, **overrides: Any) -> Databases:
+    urls: dict[str, Any] = {}
+    if primary is not None:
+        urls["SUPABASE_DB_URL"] = primary.url
+    if fallback is not None:
+        urls["POSTGRES_URL"] = fallback.url
+    dbs = Databases(fast_settings(**urls, **overrides))
+    await dbs.start()
+    return dbs
+
+
+def write_and_read(dbs: Databases) -> Any:
+    async def operation(i: int) -> str:
+        if i % 2:
+            await dbs.postgres.execute("insert into items (id, note) values (%s, 'traffic')", (i,))
+        else:
+            await dbs.postgres.fetchone("select count(*) from items")
+        endpoint = dbs.postgres.active_endpoint
+        return str(endpoint.role) if endpoint else "none"
+
+    return operation
+
+
+async def test_healthy_start_serves_from_primary(pg_pair: tuple[LocalServer, LocalServer]) -> None:
+    primary, fallback = pg_pair
+    prepare(primary, fallback)
+    dbs = await databases(primary, fallback)
+    try:
+        status = dbs.status()
+        assert status["overall_status"] == "healthy"
+        assert status["postgres"]["using_primary"] is True
+        assert status["postgres"]["primary_available"] is True
+        assert status["postgres"]["fallback_available"] is True
+        assert status["postgres"]["primary_healthy"] is True
+        assert status["postgres"]["current_db"] == "Primary PostgreSQL"
+        async with dbs.postgres.connection() as conn:
+            await conn.execute("insert into items (id, note) values (1, 'hello')")
+        assert server_count(primary) == 1
+        assert server_count(fallback) == 0
+    finally:
+        await dbs.close()
+
+
+async def test_sigkill_primary_under_traffic_moves_within_a_second_without_errors(
+    pg_pair: tuple[LocalServer, LocalServer],
+) -> None:
+    primary, fallback = pg_pair
+    prepare(primary, fallback)
+    dbs = await databases(primary, fallback)
+    events: list[Event] = []
+    dbs.subscribe(events.append)
+    traffic = Traffic(write_and_read(dbs), workers=4).start()
+    try:
+        await wait_for(lambda: len(traffic.outcomes) > 20, 5, "traffic on the primary")
+        await asyncio.to_thread(primary.kill)
+        killed = time.monotonic()
+        took = await wait_for(lambda: state(dbs) is SwitchState.ON_FALLBACK, 1.0, "failover within 1 s")
+        await wait_for(lambda: len(traffic.successes_after(killed)) > 20, 5, "traffic on the fallback")
+    finally:
+        await traffic.stop()
+        await dbs.close()
+    assert took < 1.0
+    assert traffic.errors_started_after(killed) == []
+    served = {o.value for o in traffic.successes_after(killed + took)}
+    assert served == {"fallback"}
+    assert server_count(fallback) > 0
+    assert any(isinstance(e, FailoverStarted) for e in events)
+
+
+async def test_sigstop_primary_fails_over_within_the_timeouts(pg_pair: tuple[LocalServer, LocalServer]) -> None:
+    primary, fallback = pg_pair
+    prepare(primary, fallback)
+    dbs = await databases(primary, fallback)
+    settings = dbs.settings
+    traffic = Traffic(write_and_read(dbs), workers=2).start()
+    try:
+        await wait_for(lambda: len(traffic.outcomes) > 10, 5, "traffic on the primary")
+        primary.pause()
+        paused = time.monotonic()
+        bound = settings.operation_timeout + settings.probe_timeout + settings.health_check_interval
+        await wait_for(lambda: state(dbs) is SwitchState.ON_FALLBACK, bound + 1, "failover from a hung primary")
+        switched = time.monotonic()
+        await wait_for(lambda: len(traffic.successes_after(switched)) > 10, 5, "traffic on the fallback")
+    finally:
+        await traffic.stop()
+        await dbs.close()
+        primary.resume()
+    # Operations in flight on the hung server may fail (their outcome is unknown);
+    # they fail in bounded time, and nothing started after the switch fails.
+    assert all(o.finished - o.started < settings.operation_timeout + 1 for o in traffic.outcomes)
+    assert all(isinstance(o.error, OutcomeUnknown) for o in traffic.outcomes if not o.ok)
+    assert traffic.errors_started_after(switched) == []
+    assert switched - paused <= bound + 1
+
+
+async def test_failback_waits_for_the_failback_delay(pg_pair: tuple[LocalServer, LocalServer]) -> None:
+    primary, fallback = pg_pair
+    prepare(primary, fallback)
+    dbs = await databases(primary, fallback, FAILOVER_FAILBACK_DELAY=1.5)
+    healthy_at: list[float] = []
+    failback_at: list[float] = []
+
+    def listen(event: Event) -> None:
+        if isinstance(event, EndpointHealthChanged) and event.role is Role.PRIMARY and event.healthy:
+            healthy_at.append(time.monotonic())
+        if isinstance(event, FailbackCompleted):
+            failback_at.append(time.monotonic())
+
+    dbs.subscribe(listen)
+    try:
+        await asyncio.to_thread(primary.kill)
+        await dbs.postgres.fetch("select 1")  # live traffic notices the crash
+        assert state(dbs) is SwitchState.ON_FALLBACK
+        await asyncio.to_thread(primary.start)
+        await wait_for(lambda: bool(healthy_at), 5, "primary healthy again")
+        assert state(dbs) is SwitchState.ON_FALLBACK  # healthy is not enough
+        await wait_for(lambda: state(dbs) is SwitchState.ON_PRIMARY, 5, "failback")
+        assert (await dbs.postgres.fetchone("select 1")) == (1,)
+        assert dbs.status()["postgres"]["using_primary"] is True
+    finally:
+        await dbs.close()
+    assert failback_at[0] - healthy_at[0] >= 1.5
+
+
+async def test_flapping_primary_causes_a_bounded_number_of_switches(
+    pg_pair: tuple[LocalServer, LocalServer],
+) -> None:
+    primary, fallback = pg_pair
+    prepare(primary, fallback)
+    dbs = await databases(primary, fallback, FAILOVER_FAILBACK_DELAY=2.0)
+    traffic = Traffic(write_and_read(dbs), workers=2).start()
+    try:
+        ends = time.monotonic() + 8
+        while time.monotonic() < ends:
+            await asyncio.to_thread(primary.kill)
+            await asyncio.sleep(0.5)  # the fault schedule, not a wait for a condition
+            await asyncio.to_thread(primary.start)
+            await asyncio.sleep(0.5)
+    finally:
+        await traffic.stop()
+        switches = dbs.store("postgres").switch.switches
+        await dbs.close()
+    assert 1 <= switches <= 4
+    # With the fallback up all along, callers saw no error after the first crash was noticed.
+    first_kill = min(o.started for o in traffic.outcomes) if traffic.outcomes else 0
+    assert len(traffic.successes_after(first_kill)) > 50
+
+
+async def test_both_down_raises_a_typed_error_without_hanging(pg_pair: tuple[LocalServer, LocalServer]) -> None:
+    primary, fallback = pg_pair
+    prepare(primary, fallback)
+    dbs = await databases(primary, fallback)
+    try:
+        await asyncio.to_thread(primary.kill)
+        await asyncio.to_thread(fallback.kill)
+        started = time.monotonic()
+        with pytest.raises(FailoverError) as caught:
+            await asyncio.wait_for(dbs.postgres.execute("insert into items values (9, 'x')"), timeout=10)
+        assert time.monotonic() - started <= dbs.settings.operation_timeout + 0.5
+        assert isinstance(caught.value, NoEndpointAvailable | OutcomeUnknown)
+        with pytest.raises(NoEndpointAvailable):
+            async with dbs.postgres.connection():
+                pass
+        await wait_for(lambda: dbs.status()["overall_status"] == "unhealthy", 3, "unhealthy status")
+        assert dbs.status()["postgres"]["current_db"] is None
+    finally:
+        await dbs.close()
+
+
+async def test_both_hung_raises_within_the_operation_timeout(pg_pair: tuple[LocalServer, LocalServer]) -> None:
+    primary, fallback = pg_pair
+    prepare(primary, fallback)
+    dbs = await databases(primary, fallback)
+    try:
+        primary.pause()
+        fallback.pause()
+        started = time.monotonic()
+        with pytest.raises(FailoverError):
+            await asyncio.wait_for(dbs.postgres.fetch("select 1"), timeout=10)
+        assert time.monotonic() - started <= dbs.settings.operation_timeout + 0.5
+    finally:
+        primary.resume()
+        fallback.resume()
+        await dbs.close()
+
+
+async def test_fallback_down_while_on_primary_is_reported_and_harmless(
+    pg_pair: tuple[LocalServer, LocalServer],
+) -> None:
+    primary, fallback = pg_pair
+    prepare(primary, fallback)
+    dbs = await databases(primary, fallback)
+    traffic = Traffic(write_and_read(dbs), workers=2).start()
+    try:
+        await asyncio.to_thread(fallback.kill)
+        killed = time.monotonic()
+        await wait_for(lambda: dbs.status()["postgres"]["fallback_available"] is False, 3, "fallback reported down")
+        await wait_for(lambda: len(traffic.successes_after(killed)) > 10, 5, "traffic")
+        status = dbs.status()
+    finally:
+        await traffic.stop()
+        await dbs.close()
+    assert status["postgres"]["using_primary"] is True
+    assert status["overall_status"] == "healthy"
+    assert [o for o in traffic.outcomes if not o.ok] == []
+
+
+async def test_connection_lost_mid_transaction_is_not_replayed(pg_pair: tuple[LocalServer, LocalServer]) -> None:
+    primary, fallback = pg_pair
+    prepare(primary, fallback)
+    dbs = await databases(primary, fallback)
+    try:
+        with pytest.raises(OutcomeUnknown) as caught:
+            async with dbs.postgres.connection() as conn:
+                await conn.execute("insert into items values (42, 'in flight')")
+                await asyncio.to_thread(primary.kill)
+                await conn.execute("insert into items values (43, 'after the crash')")
+        assert caught.value.store == "postgres"
+        assert not caught.value.retryable
+        assert server_count(fallback) == 0  # nothing was re-executed elsewhere
+    finally:
+        await dbs.close()
+
+
+async def test_hung_server_mid_transaction_times_out(pg_pair: tuple[LocalServer, LocalServer]) -> None:
+    primary, fallback = pg_pair
+    prepare(primary, fallback)
+    dbs = await databases(primary, fallback)
+    try:
+        started = time.monotonic()
+        with pytest.raises(OperationTimeout):
+            async with dbs.postgres.connection(timeout=1.0) as conn:
+                await conn.execute("select 1")
+                primary.pause()
+                await conn.execute("select 2")
+        assert time.monotonic() - started < 3
+    finally:
+        primary.resume()
+        await dbs.close()
+
+
+async def test_read_only_primary_is_not_usable(pg_pair: tuple[LocalServer, LocalServer]) -> None:
+    primary, fallback = pg_pair
+    prepare(primary, fallback)
+    dbs = await databases(primary, fallback)
+    try:
+        with psycopg.connect(primary.url, autocommit=True) as conn:
+            conn.execute("alter system set default_transaction_read_only = on")
+            conn.execute("select pg_reload_conf()")
+        await wait_for(lambda: state(dbs) is SwitchState.ON_FALLBACK, 5, "failover from a read-only primary")
+        assert "read-only" in dbs.status()["postgres"]["endpoints"]["primary"]["last_error"]
+        await dbs.postgres.execute("insert into items values (7, 'written on the fallback')")
+        assert server_count(fallback) == 1
+    finally:
+        with psycopg.connect(primary.url, autocommit=True) as conn:
+            conn.execute("alter system reset default_transaction_read_only")
+            conn.execute("select pg_reload_conf()")
+        await dbs.close()
+
+
+async def test_pin_to_fallback_and_release(pg_pair: tuple[LocalServer, LocalServer]) -> None:
+    primary, fallback = pg_pair
+    prepare(primary, fallback)
+    dbs = await databases(primary, fallback, FAILOVER_FAILBACK_DELAY=0)
+    try:
+        dbs.pin("postgres", "fallback")
+        await dbs.postgres.execute("insert into items values (1, 'pinned')")
+        assert server_count(fallback) == 1
+        assert dbs.status()["postgres"]["pinned"] == "fallback"
+        dbs.pin("postgres", None)
+        assert state(dbs) is SwitchState.ON_PRIMARY
+        await dbs.postgres.execute("insert into items values (2, 'released')")
+        assert server_count(primary) == 1
+    finally:
+        await dbs.close()
+
+
+async def test_a_single_url_works_without_failover(make_server: Any) -> None:
+    only = make_server("postgres")
+    prepare(only)
+    dbs = await databases(None, only)
+    try:
+        assert await dbs.postgres.fetchone("select 41 + 1") == (42,)
+        status = dbs.status()
+        assert status["postgres"]["current_db"] == "Local PostgreSQL"
+        assert status["postgres"]["using_primary"] is False
+        assert status["overall_status"] == "healthy"
+        assert "mongodb" not in status and "redis" not in status
+    finally:
+        await dbs.close()
+
+
+async def test_start_with_primary_down_serves_from_the_fallback(pg_pair: tuple[LocalServer, LocalServer]) -> None:
+    primary, fallback = pg_pair
+    prepare(fallback)
+    await asyncio.to_thread(primary.kill)
+    dbs = await databases(primary, fallback)
+    try:
+        assert state(dbs) is SwitchState.ON_FALLBACK
+        assert dbs.status()["overall_status"] == "degraded"
+        await dbs.postgres.execute("insert into items values (5, 'x')")
+        assert server_count(fallback) == 1
+    finally:
+        await dbs.close()

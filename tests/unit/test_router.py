@@ -1,0 +1,195 @@
+"""Routing rules of FailoverStore.run with a scripted in-memory backend (pure logic, no servers)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from failover import NoEndpointAvailable, OperationTimeout, OutcomeUnknown
+from failover.core.clock import FakeClock
+from failover.core.endpoint import Endpoint, Role
+from failover.core.events import OperationRetried, SwitchState
+from failover.core.store import Backend, ErrorKind, FailoverStore, StoreOptions
+
+
+class NotSent(Exception):
+    pass
+
+
+class Lost(Exception):
+    pass
+
+
+class AppError(Exception):
+    pass
+
+
+class ScriptedBackend(Backend[None]):
+    store = "postgres"
+
+    def __init__(self) -> None:
+        self.up = {Role.PRIMARY: True, Role.FALLBACK: True}
+        self.drained: list[Role] = []
+
+    async def open(self, endpoint: Endpoint) -> None:
+        pass
+
+    async def drain(self, endpoint: Endpoint) -> None:
+        self.drained.append(endpoint.role)
+
+    async def close(self, endpoint: Endpoint) -> None:
+        pass
+
+    async def probe(self, endpoint: Endpoint) -> bool:
+        if not self.up[endpoint.role]:
+            raise NotSent("connection refused to postgresql://u:hunter2@h/db")
+        return True
+
+    def classify(self, exc: BaseException) -> ErrorKind:
+        if isinstance(exc, NotSent):
+            return ErrorKind.NOT_SENT
+        if isinstance(exc, Lost):
+            return ErrorKind.OUTCOME_UNKNOWN
+        return ErrorKind.APPLICATION
+
+
+def options(**overrides: float) -> StoreOptions:
+    values = dict(probe_interval=60.0, probe_timeout=0.2, operation_timeout=1.0, unhealthy_threshold=2,
+                  healthy_threshold=2, breaker_threshold=1, failback_delay=10.0)
+    values.update(overrides)
+    return StoreOptions(**values)  # type: ignore[arg-type]
+
+
+async def started_store(**overrides: float) -> tuple[FailoverStore[None], ScriptedBackend]:
+    backend = ScriptedBackend()
+    endpoints = [
+        Endpoint("postgres", Role.PRIMARY, "Supabase", "postgresql://u:hunter2@db.x.supabase.co/db"),
+        Endpoint("postgres", Role.FALLBACK, "Local PostgreSQL", "postgresql://localhost/db"),
+    ]
+    store = FailoverStore(backend, endpoints, options(**overrides), clock=FakeClock())
+    await store.start()
+    return store, backend
+
+
+async def test_not_sent_is_retried_on_the_fallback_and_trips_the_breaker() -> None:
+    store, backend = await started_store()
+    calls: list[Role] = []
+
+    async def op(endpoint: Endpoint) -> str:
+        calls.append(endpoint.role)
+        if endpoint.role is Role.PRIMARY:
+            raise NotSent("refused")
+        return "ok"
+
+    try:
+        assert await store.run(op) == "ok"
+        assert calls == [Role.PRIMARY, Role.FALLBACK]
+        assert store.switch.state is SwitchState.ON_FALLBACK
+        assert any(isinstance(e, OperationRetried) for e in store.bus.recent)
+        await asyncio.sleep(0)  # let the drain task run
+        assert Role.PRIMARY in backend.drained
+    finally:
+        await store.close()
+
+
+async def test_outcome_unknown_is_raised_not_retried() -> None:
+    store, _ = await started_store()
+    calls: list[Role] = []
+
+    async def op(endpoint: Endpoint) -> str:
+        calls.append(endpoint.role)
+        raise Lost("connection reset")
+
+    try:
+        with pytest.raises(OutcomeUnknown) as caught:
+            await store.run(op)
+        assert calls == [Role.PRIMARY]
+        assert caught.value.endpoint == "Supabase"
+        assert caught.value.retryable is False
+    finally:
+        await store.close()
+
+
+async def test_idempotent_operations_are_retried_after_a_lost_connection() -> None:
+    store, _ = await started_store()
+
+    async def op(endpoint: Endpoint) -> str:
+        if endpoint.role is Role.PRIMARY:
+            raise Lost("connection reset")
+        return "read"
+
+    try:
+        assert await store.run(op, idempotent=True) == "read"
+    finally:
+        await store.close()
+
+
+async def test_application_errors_pass_through_and_do_not_trip() -> None:
+    store, _ = await started_store()
+
+    async def op(endpoint: Endpoint) -> str:
+        raise AppError("duplicate key")
+
+    try:
+        with pytest.raises(AppError):
+            await store.run(op)
+        assert store.switch.state is SwitchState.ON_PRIMARY
+    finally:
+        await store.close()
+
+
+async def test_every_endpoint_refusing_raises_no_endpoint_available() -> None:
+    store, _ = await started_store()
+
+    async def op(endpoint: Endpoint) -> str:
+        raise NotSent("refused")
+
+    try:
+        with pytest.raises(NoEndpointAvailable) as caught:
+            await store.run(op)
+        assert caught.value.retryable is True
+        assert "Supabase" in str(caught.value) and "Local PostgreSQL" in str(caught.value)
+    finally:
+        await store.close()
+
+
+async def test_a_hung_operation_times_out_with_a_typed_error() -> None:
+    store, _ = await started_store(operation_timeout=0.3)
+
+    async def op(endpoint: Endpoint) -> str:
+        await asyncio.Event().wait()
+        return "never"
+
+    try:
+        with pytest.raises(OperationTimeout):
+            await store.run(op)
+    finally:
+        await store.close()
+
+
+async def test_a_hung_read_moves_to_the_fallback_within_the_budget() -> None:
+    store, _ = await started_store(operation_timeout=1.0, probe_timeout=0.2)
+
+    async def op(endpoint: Endpoint) -> str:
+        if endpoint.role is Role.PRIMARY:
+            await asyncio.Event().wait()
+        return "fallback answered"
+
+    try:
+        assert await store.run(op, idempotent=True) == "fallback answered"
+        assert store.switch.state is SwitchState.ON_FALLBACK
+    finally:
+        await store.close()
+
+
+async def test_probe_errors_are_redacted_in_status() -> None:
+    store, backend = await started_store()
+    backend.up[Role.PRIMARY] = False
+    try:
+        await store.probe_round()
+        text = str(store.status())
+        assert "hunter2" not in text
+        assert "refused" in text
+    finally:
+        await store.close()

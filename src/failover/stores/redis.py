@@ -1,0 +1,622 @@
+"""Redis through ``redis.asyncio``, with a connection pool per endpoint.
+
+Why this module runs commands itself instead of calling ``Redis.execute_command``:
+failover must know whether a command was *sent* when a connection fails, and
+redis-py does not say. So a command runs in two phases:
+
+1. **lease** (nothing sent yet): take a connection from the endpoint's pool and
+   make sure it is alive. A pooled connection whose server died is noticed here
+   without a round trip (its socket already holds the hang-up), and a reconnect
+   to a dead server fails here too. Any error in this phase is *not sent*: the
+   command goes to the other endpoint and the breaker of this one trips.
+2. **send + read**: ``send_command`` then redis-py's own ``parse_response``. A
+   connection failure from here on means the command may have been applied. It is
+   retried on the other endpoint only when it is idempotent (see
+   :data:`IDEMPOTENT_COMMANDS`); otherwise :class:`~failover.errors.OutcomeUnknown`.
+
+redis-py 6 retries ``ConnectionError``/``TimeoutError`` three times by default,
+silently re-sending an ``INCR`` or ``LPUSH``. Every pool here is built with a
+``Retry`` of zero retries: failover alone decides what is retried, and where.
+
+A replica, or an endpoint that answers ``READONLY``, is not usable for writes:
+probes check ``ROLE`` (falling back to ``INFO replication``, then to "writable"
+on servers that have neither, such as some managed services), and a
+``READONLY`` reply is treated as *not applied*, so the command moves on.
+
+Known limits: a pool saturated for longer than the connect timeout counts as a
+failure of its endpoint; ``scan_iter`` keeps a whole iteration on one endpoint but
+``hscan_iter``/``sscan_iter``/``zscan_iter`` route each step on its own.
+
+Upstash (the usual primary) has no ``REPLICAOF``, ``DUMP`` or ``RESTORE``; nothing
+here uses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import select
+import time
+from collections.abc import AsyncIterator, Generator, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncCoreCommands
+from redis.exceptions import (
+    BusyLoadingError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.utils import str_if_bytes
+
+from .._urls import redact_text
+from ..core.clock import Clock
+from ..core.endpoint import Endpoint, Role
+from ..core.events import EventBus
+from ..core.store import Backend, ErrorKind, FailoverStore, StoreOptions, attempt_deadline
+
+__all__ = ["IDEMPOTENT_COMMANDS", "RedisBackend", "RedisPipeline", "RedisStore", "create", "is_idempotent"]
+
+logger = logging.getLogger("failover.redis")
+
+#: Commands that may run twice without harm, so a connection failure after they
+#: were sent is retried on the other endpoint. Reads, plus writes that set an
+#: absolute state (``SET k v``, ``HSET``, ``SADD``, ``DEL``...). Anything absent
+#: (``INCR``, ``LPUSH``, ``APPEND``, ``EVAL``...) is treated as non-idempotent.
+IDEMPOTENT_COMMANDS: frozenset[str] = frozenset(
+    {
+        # keys and server
+        "PING", "ECHO", "TIME", "INFO", "ROLE", "DBSIZE", "EXISTS", "TYPE", "TTL", "PTTL",
+        "EXPIRETIME", "PEXPIRETIME", "KEYS", "SCAN", "RANDOMKEY", "OBJECT", "MEMORY USAGE", "TOUCH",
+        "SORT_RO", "EVAL_RO", "EVALSHA_RO", "FCALL_RO", "LASTSAVE", "CONFIG GET", "CLIENT ID",
+        # strings
+        "GET", "MGET", "STRLEN", "GETRANGE", "SUBSTR", "GETBIT", "BITCOUNT", "BITPOS", "LCS",
+        # hashes
+        "HGET", "HGETALL", "HMGET", "HKEYS", "HVALS", "HLEN", "HEXISTS", "HSTRLEN", "HSCAN", "HRANDFIELD",
+        # lists
+        "LRANGE", "LLEN", "LINDEX", "LPOS",
+        # sets
+        "SMEMBERS", "SISMEMBER", "SMISMEMBER", "SCARD", "SRANDMEMBER", "SINTER", "SUNION", "SDIFF",
+        "SINTERCARD", "SSCAN",
+        # sorted sets
+        "ZRANGE", "ZRANGEBYSCORE", "ZREVRANGE", "ZREVRANGEBYSCORE", "ZRANGEBYLEX", "ZREVRANGEBYLEX",
+        "ZSCORE", "ZMSCORE", "ZRANK", "ZREVRANK", "ZCARD", "ZCOUNT", "ZLEXCOUNT", "ZSCAN",
+        "ZRANDMEMBER", "ZUNION", "ZINTER", "ZDIFF", "ZINTERCARD",
+        # streams, geo, hyperloglog
+        "XRANGE", "XREVRANGE", "XLEN", "GEOPOS", "GEODIST", "GEOHASH", "GEOSEARCH", "GEORADIUS_RO",
+        "GEORADIUSBYMEMBER_RO", "PFCOUNT",
+        # writes that set an absolute state: applying them twice leaves the same data
+        "MSET", "SETEX", "PSETEX", "HSET", "HMSET", "SADD", "SREM", "ZREM", "DEL", "UNLINK", "HDEL",
+        "EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT", "PERSIST",
+    }
+)  # fmt: skip
+
+# Options after which SET is no longer idempotent: it returns or depends on the previous value.
+_SET_CONDITIONAL = frozenset({"NX", "XX", "GET"})
+# ZADD flags that make it depend on the previous score.
+_ZADD_CONDITIONAL = frozenset({"NX", "XX", "GT", "LT", "INCR"})
+
+
+def is_idempotent(args: Sequence[Any]) -> bool:
+    """Whether the command *args* may be sent twice (see :data:`IDEMPOTENT_COMMANDS`).
+
+    ``SET key value`` is idempotent, with ``EX``/``PX``/``KEEPTTL`` too, but not
+    with ``NX``, ``XX`` or ``GET``; ``ZADD`` only without ``NX/XX/GT/LT/INCR``.
+    """
+    if not args:
+        return False
+    name = _command_name(args[0])
+    if name == "SET":
+        return not any(_upper(a) in _SET_CONDITIONAL for a in args[3:])
+    if name == "ZADD":
+        return not any(_upper(a) in _ZADD_CONDITIONAL for a in args[2:])
+    return name in IDEMPOTENT_COMMANDS
+
+
+def _upper(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        try:
+            return value.decode().upper()
+        except UnicodeDecodeError:
+            return None
+    return value.upper() if isinstance(value, str) else None
+
+
+def _command_name(value: Any) -> str:
+    return (_upper(value) or "").strip()
+
+
+class CommandNotSent(RedisError):
+    """Internal: the lease failed, nothing of the command was sent."""
+
+
+# redis-py < 5.3 wants a command name (ignored) when taking a pooled connection.
+_NAME_REQUIRED = (
+    inspect.signature(BlockingConnectionPool.get_connection).parameters["command_name"].default
+    is inspect.Parameter.empty
+)
+_GET_CONNECTION_ARGS: tuple[str, ...] = ("_",) if _NAME_REQUIRED else ()
+
+
+def _no_retry() -> Retry:
+    # One object per connection pool (redis-py deep-copies it per connection anyway).
+    return Retry(NoBackoff(), 0)
+
+
+class RedisBackend(Backend[BlockingConnectionPool]):
+    """``redis.asyncio`` pools, probes and error classification for the failover core.
+
+    Each endpoint gets a :class:`~redis.asyncio.BlockingConnectionPool` (at most
+    *pool_max_size* connections; a burst waits for a free one instead of
+    failing) and a :class:`~redis.asyncio.Redis` client bound to it, created on
+    first use without touching the network.
+    """
+
+    store = "redis"
+
+    def __init__(self, *, pool_max_size: int = 10, connect_timeout: float = 2.0, socket_timeout: float = 5.0) -> None:
+        if pool_max_size < 1:
+            raise ValueError("pool_max_size must be at least 1")
+        if connect_timeout <= 0 or socket_timeout <= 0:
+            raise ValueError("connect_timeout and socket_timeout must be greater than 0")
+        self.pool_max_size = pool_max_size
+        self.connect_timeout = connect_timeout
+        self.socket_timeout = socket_timeout
+        self._clients: dict[Role, Redis] = {}
+
+    # --- clients --------------------------------------------------------------------------
+
+    def client(self, endpoint: Endpoint) -> Redis:
+        """The ``redis.asyncio.Redis`` of *endpoint* (its own pool), created on first use."""
+        client = self._clients.get(endpoint.role)
+        if client is None:
+            pool = BlockingConnectionPool.from_url(
+                endpoint.url,
+                max_connections=self.pool_max_size,
+                timeout=None,  # the routed operation's deadline bounds the wait
+                socket_connect_timeout=self.connect_timeout,
+                socket_timeout=self.socket_timeout,
+                retry=_no_retry(),
+                retry_on_error=[],
+                lib_name=None,  # no CLIENT SETINFO round trips on connect
+                lib_version=None,
+            )
+            client = Redis(connection_pool=pool)
+            self._clients[endpoint.role] = client
+        return client
+
+    def pool(self, endpoint: Endpoint) -> BlockingConnectionPool:
+        return self.client(endpoint).connection_pool  # type: ignore[return-value]
+
+    async def open(self, endpoint: Endpoint) -> None:
+        self.client(endpoint)
+
+    async def warm(self, endpoint: Endpoint, timeout: float) -> None:
+        """Open one pooled connection, so the first request after a switch does not pay for it."""
+        async with asyncio.timeout(timeout):
+            conn, pool = await self.lease(endpoint)
+        await pool.release(conn)
+
+    async def drain(self, endpoint: Endpoint) -> None:
+        client = self._clients.get(endpoint.role)
+        if client is not None:
+            logger.info("closing the idle connections to %s", endpoint.name)
+            # In-flight commands keep their connection; it is dropped when they fail.
+            await client.connection_pool.disconnect(inuse_connections=False)
+
+    async def close(self, endpoint: Endpoint) -> None:
+        client = self._clients.pop(endpoint.role, None)
+        if client is not None:
+            await client.connection_pool.disconnect(inuse_connections=True)
+
+    # --- probe ----------------------------------------------------------------------------
+
+    async def probe(self, endpoint: Endpoint) -> bool:
+        """``PING`` then ``ROLE`` on a fresh connection (never a pooled one)."""
+        pool = self.pool(endpoint)
+        conn = pool.make_connection()
+        try:
+            await conn.connect()
+            await conn.send_command("PING", check_health=False)
+            if str_if_bytes(await conn.read_response()) != "PONG":
+                raise RedisConnectionError("unexpected answer to PING")
+            return await _is_master(conn)
+        finally:
+            await conn.disconnect(nowait=True)
+
+    # --- errors ---------------------------------------------------------------------------
+
+    def classify(self, exc: BaseException) -> ErrorKind:
+        if isinstance(exc, (CommandNotSent, ReadOnlyError, BusyLoadingError)):
+            # Nothing sent, or the server refused before applying anything.
+            return ErrorKind.NOT_SENT
+        if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+            return ErrorKind.OUTCOME_UNKNOWN
+        return ErrorKind.APPLICATION
+
+    # --- running commands -----------------------------------------------------------------
+
+    async def lease(self, endpoint: Endpoint) -> tuple[AbstractConnection, BlockingConnectionPool]:
+        """A connected connection of *endpoint*'s pool, checked alive; nothing sent on it yet.
+
+        Raises ``CommandNotSent`` (classified NOT_SENT) when there is none. The caller
+        must ``release`` it to the pool.
+        """
+        pool = self.pool(endpoint)
+        # Leave a little of the attempt's time for sending, so a connect that times
+        # out is reported as not sent rather than as a timed-out command.
+        deadline = attempt_deadline()
+        budget = self.connect_timeout
+        if deadline is not None:
+            budget = max(0.001, min(budget, deadline - time.monotonic() - 0.01))
+        conn: AbstractConnection | None = None
+        try:
+            async with asyncio.timeout(budget):
+                conn = await pool.get_connection(*_GET_CONNECTION_ARGS)  # connects a new connection (AUTH, SELECT)
+                if not _idle_and_alive(conn):
+                    # The socket already holds the server's hang-up (or stray bytes):
+                    # reconnect now; if the server is down this fails before sending.
+                    await conn.disconnect(nowait=True)
+                    await conn.connect()
+        except (RedisError, OSError, TimeoutError) as exc:
+            if conn is not None:
+                await conn.disconnect(nowait=True)
+                await pool.release(conn)
+            what = "timed out connecting" if isinstance(exc, TimeoutError) else _redacted(endpoint, exc)
+            raise CommandNotSent(f"{what} (nothing was sent to {endpoint.name})") from exc
+        except BaseException:
+            if conn is not None:
+                await conn.disconnect(nowait=True)
+                await pool.release(conn)
+            raise
+        return conn, pool
+
+    async def execute(self, endpoint: Endpoint, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        """Run one command on *endpoint*: lease (not sent), then send and parse with redis-py's callbacks."""
+        conn, pool = await self.lease(endpoint)
+        try:
+            await conn.send_command(*args)
+            return await self.client(endpoint).parse_response(conn, args[0], **options)
+        except ResponseError:
+            raise  # a complete reply was read: the connection is clean
+        except BaseException:
+            # Unknown state (reply pending, cancelled mid-read): never reuse it.
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+
+    async def bind_pipeline(self, endpoint: Endpoint, transaction: bool) -> Pipeline:
+        """A redis-py ``Pipeline`` on *endpoint* holding a leased, live connection.
+
+        The pipeline releases the connection itself (``execute()``/``reset()``).
+        """
+        conn, _ = await self.lease(endpoint)
+        pipe = self.client(endpoint).pipeline(transaction=transaction)
+        pipe.connection = conn
+        return pipe
+
+    async def execute_pipeline(
+        self, endpoint: Endpoint, stack: list[tuple[tuple[Any, ...], dict[str, Any]]], transaction: bool, raise_on_error: bool
+    ) -> list[Any]:
+        """Send a whole pipeline (``MULTI``/``EXEC`` when *transaction*) on one connection of *endpoint*."""
+        pipe = await self.bind_pipeline(endpoint, transaction)
+        pipe.command_stack = [(args, dict(options)) for args, options in stack]
+        # redis-py drops the connection on connection errors and cancellation, and
+        # execute() hands it back to the pool in every case.
+        return await pipe.execute(raise_on_error=raise_on_error)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Pooled connections per role: ``in_use`` and ``idle``."""
+        out = {}
+        for role, client in self._clients.items():
+            pool = client.connection_pool
+            out[str(role)] = {"in_use": len(pool._in_use_connections), "idle": len(pool._available_connections)}
+        return out
+
+
+async def _is_master(conn: AbstractConnection) -> bool:
+    """True when the server says it is a master; replicas are not usable for writes.
+
+    ``ROLE`` first, ``INFO replication`` next; a server with neither (a managed
+    service with a trimmed command set) answered PING, so it is taken as writable.
+    """
+    try:
+        await conn.send_command("ROLE", check_health=False)
+        reply = await conn.read_response()
+        return str_if_bytes(reply[0]) == "master"
+    except ResponseError:
+        pass
+    try:
+        await conn.send_command("INFO", "replication", check_health=False)
+        info = str_if_bytes(await conn.read_response())
+    except ResponseError:
+        return True
+    for line in str(info).splitlines():
+        if line.startswith("role:"):
+            return line.split(":", 1)[1].strip() == "master"
+    return True
+
+
+def _idle_and_alive(conn: AbstractConnection) -> bool:
+    """True when an idle pooled connection has nothing to read, i.e. its server did not hang up.
+
+    redis-py's own check (``can_read_destructive``) sees a hang-up only after the
+    event loop has read it; a server killed a moment ago may not have been
+    noticed yet. Asking the kernel (``select`` with a zero timeout) costs no round
+    trip and no wait, and an idle RESP connection must have nothing to read.
+    """
+    if not conn.is_connected:
+        return False
+    writer = conn._writer  # redis-py keeps the asyncio stream private
+    sock = writer.transport.get_extra_info("socket") if writer is not None else None
+    if sock is None:
+        return False
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return False
+        readable, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def _redacted(endpoint: Endpoint, exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return redact_text(f"{type(exc).__name__}: {text}", endpoint.secrets)[:300]
+
+
+CommandStack = list[tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+class RedisStore(AsyncCoreCommands):  # type: ignore[misc]
+    """The Redis side of :class:`~failover.Databases` (``dbs.redis``).
+
+    It has the command methods of ``redis.asyncio.Redis`` (``get``, ``set``,
+    ``incr``, ``hset``, ``lpush``, ``zadd``, ``scan_iter``, ...), with redis-py's
+    own argument handling and reply parsing; each command runs on the active
+    endpoint at call time. Reads and idempotent writes are retried on the other
+    endpoint after any connection failure; other commands only when they were not
+    sent, else :class:`~failover.errors.OutcomeUnknown` is raised.
+
+    Replies are bytes unless the URL says ``?decode_responses=True`` (give both
+    URLs the same setting).
+    """
+
+    def __init__(self, store: FailoverStore[Any], backend: RedisBackend) -> None:
+        self.failover = store
+        self.backend = backend
+
+    def __repr__(self) -> str:
+        return f"<RedisStore {self.failover.status()['current_db']!r}>"
+
+    # --- what redis-py's command mixins need ----------------------------------------------
+
+    def _reference(self) -> Redis:
+        # Encoder and connection options come from the first configured endpoint.
+        endpoint = next(iter(self.failover.endpoints.values()))
+        return self.backend.client(endpoint)
+
+    def get_encoder(self) -> Any:
+        return self._reference().get_encoder()
+
+    def get_connection_kwargs(self) -> dict[str, Any]:
+        return dict(self._reference().get_connection_kwargs())
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        """Run one command on the active endpoint (every command method ends here)."""
+        result, _ = await self._execute(args, options)
+        return result
+
+    async def _execute(self, args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, Role]:
+        backend = self.backend
+
+        async def run(endpoint: Endpoint) -> tuple[Any, Role]:
+            return await backend.execute(endpoint, args, dict(options)), endpoint.role
+
+        label = _command_name(args[0]) if args else "command"
+        return await self.failover.run(run, idempotent=is_idempotent(args), label=f"Redis {label}")
+
+    # --- iteration and pipelines ----------------------------------------------------------
+
+    async def scan_iter(  # type: ignore[override]
+        self, match: Any = None, count: int | None = None, _type: str | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """Iterate over keys with ``SCAN``, every step on the same endpoint.
+
+        A cursor means something only to the server that made it. When the active
+        endpoint changes during the iteration, the scan starts over on the new one;
+        keys may then be returned twice, which ``SCAN`` allows anyway.
+        """
+        cursor: Any = "0"
+        origin: Role | None = None
+        while True:
+            pieces: list[Any] = ["SCAN", cursor]
+            if match is not None:
+                pieces += ["MATCH", match]
+            if count is not None:
+                pieces += ["COUNT", count]
+            if _type is not None:
+                pieces += ["TYPE", _type]
+            (cursor, keys), served_by = await self._execute(tuple(pieces), dict(kwargs))
+            if origin is not None and served_by is not origin:
+                logger.info("SCAN restarted on the %s after a switch", served_by)
+                origin, cursor = served_by, "0"
+                continue
+            origin = served_by
+            for key in keys:
+                yield key
+            if cursor == 0:
+                return
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> RedisPipeline:
+        """A pipeline (``MULTI``/``EXEC`` when *transaction*) that runs wholly on one endpoint."""
+        return RedisPipeline(self, transaction)
+
+    # --- status ---------------------------------------------------------------------------
+
+    @property
+    def active_endpoint(self) -> Endpoint | None:
+        role = self.failover.switch.active_role
+        return self.failover.endpoints[role] if role is not None else None
+
+    def status(self) -> dict[str, Any]:
+        return self.failover.status()
+
+    async def aclose(self) -> None:
+        """Close every pool (``Databases.close()`` does it for you)."""
+        for endpoint in self.failover.endpoints.values():
+            await self.backend.close(endpoint)
+
+
+class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
+    """Commands queued and sent together to one endpoint, the one active at ``execute()``.
+
+    A pipeline that fails before it was sent is retried on the other endpoint; one
+    that fails after is retried only when every command in it is idempotent,
+    otherwise :class:`~failover.errors.OutcomeUnknown` is raised.
+
+    ``WATCH`` binds the pipeline to the active endpoint at that moment: the
+    following commands and ``execute()`` run there, never elsewhere (a lost
+    connection then raises redis-py's ``WatchError`` or ``OutcomeUnknown``).
+    """
+
+    def __init__(self, store: RedisStore, transaction: bool) -> None:
+        self._store = store
+        self.is_transaction = transaction
+        self.command_stack: CommandStack = []
+        self.explicit_transaction = False
+        self._bound: tuple[Endpoint, Pipeline] | None = None
+
+    def get_encoder(self) -> Any:
+        return self._store.get_encoder()
+
+    def get_connection_kwargs(self) -> dict[str, Any]:
+        return self._store.get_connection_kwargs()
+
+    def __len__(self) -> int:
+        return len(self.command_stack)
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __await__(self) -> Generator[Any, None, RedisPipeline]:
+        async def itself() -> RedisPipeline:
+            return self
+
+        return itself().__await__()
+
+    async def __aenter__(self) -> RedisPipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.reset()
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        if (self._bound is not None or _command_name(args[0]) == "WATCH") and not self.explicit_transaction:
+            return self._immediate(args, options)
+        self.command_stack.append((args, options))
+        return self
+
+    def multi(self) -> None:
+        """Start the transaction after ``WATCH``; end it with :meth:`execute`."""
+        if self.explicit_transaction:
+            raise RedisError("Cannot issue nested calls to MULTI")
+        if self.command_stack:
+            raise RedisError("Commands without an initial WATCH have already been issued")
+        self.explicit_transaction = True
+        if self._bound is not None:
+            self._bound[1].multi()
+
+    async def watch(self, *names: Any) -> Any:
+        if self.explicit_transaction:
+            raise RedisError("Cannot issue a WATCH after a MULTI")
+        return await self.execute_command("WATCH", *names)
+
+    async def unwatch(self) -> Any:
+        if self._bound is None:
+            return True
+        return await self.execute_command("UNWATCH")
+
+    async def _immediate(self, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        store, backend = self._store.failover, self._store.backend
+        if self._bound is None:
+            transaction = self.is_transaction
+
+            async def bind(endpoint: Endpoint) -> tuple[Endpoint, Pipeline]:
+                return endpoint, await backend.bind_pipeline(endpoint, transaction)
+
+            # Leasing sends nothing, so it may be tried on either endpoint.
+            self._bound = await store.run(bind, idempotent=True, label="Redis WATCH")
+        endpoint, pipe = self._bound
+        try:
+            return await pipe.immediate_execute_command(*args, **options)
+        except Exception as exc:
+            mapped = store.lost_during(endpoint, exc, f"Redis {_command_name(args[0])}")
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Send the queued commands; return their replies in order."""
+        stack, self.command_stack = self.command_stack, []
+        store, backend = self._store.failover, self._store.backend
+        try:
+            if self._bound is not None:
+                endpoint, pipe = self._bound
+                pipe.command_stack = stack
+                try:
+                    return await pipe.execute(raise_on_error=raise_on_error)
+                except Exception as exc:
+                    mapped = store.lost_during(endpoint, exc, "Redis pipeline")
+                    if mapped is exc:
+                        raise
+                    raise mapped from exc
+            if not stack:
+                return []
+            transaction = self.is_transaction or self.explicit_transaction
+
+            async def run(endpoint: Endpoint) -> list[Any]:
+                return await backend.execute_pipeline(endpoint, stack, transaction, raise_on_error)
+
+            idempotent = all(is_idempotent(args) for args, _ in stack)
+            label = "Redis MULTI/EXEC" if transaction else "Redis pipeline"
+            return await store.run(run, idempotent=idempotent, label=label)
+        finally:
+            await self.reset()
+
+    async def reset(self) -> None:
+        """Forget queued commands and release a connection held by ``WATCH``."""
+        self.command_stack = []
+        self.explicit_transaction = False
+        bound, self._bound = self._bound, None
+        if bound is not None:
+            try:
+                await bound[1].reset()
+            except (RedisError, OSError):
+                logger.debug("resetting a watched pipeline on %s failed", bound[0].name)
+
+    async def aclose(self) -> None:
+        await self.reset()
+
+
+def create(
+    settings: Any, endpoints: list[Endpoint], options: StoreOptions, bus: EventBus, clock: Clock
+) -> RedisStore:
+    """Build the Redis store for :class:`~failover.Databases`."""
+    backend = RedisBackend(
+        pool_max_size=settings.pool_max_size,
+        connect_timeout=settings.connect_timeout,
+        # A backstop only: the routed operation's own deadline normally ends a wait first.
+        socket_timeout=max(settings.operation_timeout, settings.probe_timeout),
+    )
+    return RedisStore(FailoverStore(backend, endpoints, options, bus=bus, clock=clock), backend)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -13,6 +15,7 @@ import pytest
 from failover.local import LocalMongo, LocalPostgres, LocalRedis, LocalServer
 
 _KINDS: dict[str, type[LocalServer]] = {"postgres": LocalPostgres, "redis": LocalRedis, "mongodb": LocalMongo}
+_SERIAL = itertools.count()  # every server of the session gets a data directory of its own
 
 
 @pytest.fixture(scope="session")
@@ -31,10 +34,9 @@ def make_server(server_root: Path, request: pytest.FixtureRequest) -> Iterator[C
     Every server made here is killed when the test ends, whatever happened.
     """
     made: list[LocalServer] = []
-    counter = iter(range(1000))
 
     def make(kind: str, **kwargs: object) -> LocalServer:
-        name = f"{request.node.name[:40]}-{kind}-{next(counter)}".replace("[", "_").replace("]", "_").replace("/", "_")
+        name = f"{next(_SERIAL):03d}-{kind}-{re.sub(r'[^A-Za-z0-9_-]', '_', request.node.name)[:40]}"
         server = _KINDS[kind](server_root / name, **kwargs)  # type: ignore[arg-type]
         made.append(server)
         return server.start()

@@ -269,9 +269,6 @@ class LocalPostgres(LocalServer):
         if not (self.data_dir / "PG_VERSION").exists():
             subprocess.run(["cp", "-a", str(self._template_dir()), str(self.data_dir)], check=True)
             os.chown(self.data_dir, user.pw_uid, user.pw_gid)
-        sockets = self.data_dir.parent / f"{self.data_dir.name}.sock"
-        sockets.mkdir(exist_ok=True)
-        os.chown(sockets, user.pw_uid, user.pw_gid)
         log = self.data_dir.parent / f"{self.data_dir.name}.log"
         log.touch()
         os.chown(log, user.pw_uid, user.pw_gid)
@@ -282,7 +279,8 @@ class LocalPostgres(LocalServer):
             "-D", str(self.data_dir),
             "-p", str(self.port),
             "-c", f"listen_addresses={HOST}",
-            "-c", f"unix_socket_directories={self.data_dir.parent / (self.data_dir.name + '.sock')}",
+            # TCP only: a Unix socket path must stay under 108 bytes, which a deep data dir breaks.
+            "-c", "unix_socket_directories=",
             "-c", "fsync=off",
             "-c", "synchronous_commit=off",
             "-c", "full_page_writes=off",

@@ -1,0 +1,188 @@
+"""Prometheus metrics of one :class:`~failover.Databases`, in a registry of its own.
+
+Two sources feed them:
+
+* events (``ProbeCompleted``, ``StateChanged``, ``OperationRetried``,
+  ``BreakerTripped``) become histograms and counters as they happen, so a
+  failover that came and went between two scrapes is still counted;
+* the current state (active role, endpoint health, the stores' operation
+  counters) is read from the stores at scrape time by a custom collector, so
+  it can never drift from what ``/api/v1/health/databases`` says.
+
+Each app gets its own ``CollectorRegistry`` (never the global one): two apps in
+one process, as in the test suite, do not collide. Label values are bounded:
+free-text reasons are reduced to a small set of causes by :func:`reason_cause`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..core.events import (
+    BreakerTripped,
+    Event,
+    FailbackCompleted,
+    FailoverStarted,
+    OperationRetried,
+    ProbeCompleted,
+    StateChanged,
+    SwitchState,
+)
+
+if TYPE_CHECKING:
+    from ..databases import Databases
+
+__all__ = ["FailoverMetrics", "reason_cause", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+DEFAULT_PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+# (substring of the lower-cased reason, cause label); first match wins.
+_CAUSES: tuple[tuple[str, str], ...] = (
+    ("pin", "pinned"),
+    ("reconcil", "reconcile"),
+    ("breaker", "breaker"),
+    ("timed out", "timeout"),
+    ("read-only", "read_only"),
+    ("not writable", "read_only"),
+    ("healthy for", "primary_healthy"),
+    ("good probe", "probe_ok"),
+    ("failed probe", "probe_failed"),
+    ("down", "endpoint_down"),
+    ("refused", "endpoint_down"),
+)
+
+
+def reason_cause(reason: str) -> str:
+    """Reduce a free-text transition reason to a bounded label value."""
+    text = reason.lower()
+    for needle, cause in _CAUSES:
+        if needle in text:
+            return cause
+    return "other"
+
+
+class _StatusCollector(Collector):
+    """Reads the live state of every store at scrape time."""
+
+    def __init__(self, databases: Databases) -> None:
+        self._databases = databases
+
+    def collect(self) -> Iterator[Metric]:
+        active = GaugeMetricFamily(
+            "failover_active_role", "1 for the role currently serving each store, else 0", labels=["store", "role"]
+        )
+        state = GaugeMetricFamily("failover_store_state", "1 for the switch state of each store", labels=["store", "state"])
+        up = GaugeMetricFamily(
+            "failover_endpoint_up",
+            "1 when the endpoint's last probe found it usable and no live failure contradicted it",
+            labels=["store", "role", "endpoint"],
+        )
+        healthy = GaugeMetricFamily(
+            "failover_endpoint_healthy", "1 when the switch may route to the endpoint", labels=["store", "role", "endpoint"]
+        )
+        operations = CounterMetricFamily("failover_operations", "routed operations started", labels=["store"])
+        errors = CounterMetricFamily("failover_operation_errors", "routed operations that raised", labels=["store"])
+        retries = CounterMetricFamily(
+            "failover_operation_retries", "routed operations retried on the other endpoint", labels=["store"]
+        )
+        switches = CounterMetricFamily("failover_switches", "moves of the active endpoint", labels=["store"])
+        for name, store in self._databases.stores.items():
+            role = store.switch.active_role
+            for candidate in store.endpoints:
+                active.add_metric([name, str(candidate)], 1.0 if candidate is role else 0.0)
+            for each in SwitchState:
+                state.add_metric([name, str(each)], 1.0 if store.switch.state is each else 0.0)
+            for r, health in store.health.items():
+                labels = [name, str(r), health.endpoint.name]
+                up.add_metric(labels, 1.0 if health.available else 0.0)
+                healthy.add_metric(labels, 1.0 if health.healthy else 0.0)
+            counters = store.counters
+            operations.add_metric([name], float(counters.get("operations", 0)))
+            errors.add_metric([name], float(counters.get("errors", 0)))
+            retries.add_metric([name], float(counters.get("retries", 0)))
+            switches.add_metric([name], float(store.switch.switches))
+        yield from (active, state, up, healthy, operations, errors, retries, switches)
+
+
+class FailoverMetrics:
+    """The metrics of one app. :meth:`attach` binds them to a :class:`Databases`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.probe_latency = Histogram(
+            "failover_probe_latency_seconds",
+            "duration of successful probes",
+            ["store", "role"],
+            buckets=DEFAULT_PROBE_BUCKETS,
+            registry=self.registry,
+        )
+        self.probe_failures = Counter(
+            "failover_probe_failures", "probes that found the endpoint unusable", ["store", "role"], registry=self.registry
+        )
+        self.transitions = Counter(
+            "failover_transitions", "switch state changes", ["store", "from_state", "to_state"], registry=self.registry
+        )
+        self.failovers = Counter(
+            "failover_failovers", "moves from the primary to the fallback, by cause", ["store", "reason"], registry=self.registry
+        )
+        self.failbacks = Counter(
+            "failover_failbacks", "returns from the fallback to the primary, by cause", ["store", "reason"], registry=self.registry
+        )
+        self.retried = Counter(
+            "failover_retries_by_role",
+            "operations retried elsewhere, by the role that failed them",
+            ["store", "from_role", "to_role"],
+            registry=self.registry,
+        )
+        self.breaker_trips = Counter(
+            "failover_breaker_trips", "circuit breaker trips on live traffic", ["store", "role"], registry=self.registry
+        )
+        self._collector: _StatusCollector | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def attach(self, databases: Databases) -> None:
+        """Count *databases*' events and expose its live state. Call before ``start()``
+        so the first probes are counted too."""
+        self.detach()
+        self._unsubscribe = databases.subscribe(self.on_event)
+        self._collector = _StatusCollector(databases)
+        self.registry.register(self._collector)
+
+    def detach(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+            self._collector = None
+
+    def on_event(self, event: Event) -> None:
+        """Event listener (synchronous, cheap)."""
+        if isinstance(event, ProbeCompleted):
+            role = str(event.role)
+            if event.usable and event.latency is not None:
+                self.probe_latency.labels(event.store, role).observe(event.latency)
+            else:
+                self.probe_failures.labels(event.store, role).inc()
+        elif isinstance(event, StateChanged):
+            self.transitions.labels(event.store, str(event.from_state), str(event.to_state)).inc()
+            if isinstance(event, FailoverStarted):
+                self.failovers.labels(event.store, reason_cause(event.reason)).inc()
+            elif isinstance(event, FailbackCompleted):
+                self.failbacks.labels(event.store, reason_cause(event.reason)).inc()
+        elif isinstance(event, OperationRetried):
+            self.retried.labels(event.store, str(event.from_role), str(event.to_role)).inc()
+        elif isinstance(event, BreakerTripped):
+            self.breaker_trips.labels(event.store, str(event.role)).inc()
+
+    def render(self) -> bytes:
+        """The exposition text of every metric."""
+        return generate_latest(self.registry)
+

@@ -1,0 +1,285 @@
+"""The ``failover`` command in subprocesses: status, local up/down/kill/stop/start, serve, drill."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import stat
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from failover.cli import main
+from failover.local import LocalServer, free_port
+from failover.local.servers import _alive, _descendants
+from failover.service import create_app
+from tests.helpers import wait_for
+from tests.integration.test_service import http_server, stack_settings
+
+pytestmark = pytest.mark.integration
+
+Pair = tuple[LocalServer, LocalServer]
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    """The test's environment without any failover setting, plus *values*."""
+    names = ("SUPABASE_DB_URL", "POSTGRES_URL", "MONGODB_ATLAS_URL", "MONGODB_URL", "MONGODB_ATLAS_DATABASE",
+             "MONGODB_DATABASE", "UPSTASH_REDIS_URL", "REDIS_URL", "HEALTH_CHECK_INTERVAL")
+    env = {k: v for k, v in os.environ.items() if k not in names and not k.startswith("FAILOVER_")}
+    env.update(values)
+    return env
+
+
+async def run_cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 60) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "failover", *args,
+        env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def server_logs(directory: Path) -> str:
+    """The tail of every server log of the stack, for assertion messages."""
+    return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-800:]}" for log in sorted(directory.glob("*.log")))
+
+
+def stack_pids(directory: Path) -> list[int]:
+    """Every live process of the local stack in *directory* (servers and their children)."""
+    state = json.loads((directory / "stack.json").read_text())
+    pids: list[int] = []
+    for entry in state.values():
+        if entry.get("pid") and _alive(entry["pid"]):
+            pids.extend(_descendants(entry["pid"]))
+    return pids
+
+
+@pytest.fixture
+def stack_dir(server_root: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A data directory for a CLI-made stack; anything left running is killed at the end (and fails the test)."""
+    # Short: PostgreSQL's socket path (in this directory) must stay under 108 bytes.
+    directory = server_root / f"cli{abs(hash(request.node.nodeid)) % 10**6}"
+    yield directory
+    if (directory / "stack.json").exists():
+        for pid in stack_pids(directory):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_status_prints_the_status_after_a_probe_round(pg_pair: Pair, redis_pair: Pair, tmp_path: Path) -> None:
+    env = clean_env(SUPABASE_DB_URL=pg_pair[0].url, POSTGRES_URL=pg_pair[1].url, REDIS_URL=redis_pair[1].url)
+    code, out, err = await run_cli("status", env=env, cwd=tmp_path)
+    assert code == 0, err
+    status = json.loads(out)
+    assert status["overall_status"] == "healthy"
+    assert status["postgres"]["current_db"] == "Primary PostgreSQL" and status["postgres"]["primary_available"] is True
+    assert status["redis"]["current_db"] == "Local Redis"  # its only endpoint
+    assert "mongodb" not in status
+
+    pg_pair[0].kill()
+    pg_pair[1].kill()
+    code, out, _ = await run_cli("status", env=env, cwd=tmp_path)
+    assert code == 1
+    assert json.loads(out)["postgres"]["current_db"] is None
+
+    code, _, err = await run_cli("status", env=clean_env(), cwd=tmp_path)
+    assert code == 2 and "no store is configured" in err
+
+
+async def test_status_asks_a_running_service(pg_pair: Pair, tmp_path: Path) -> None:
+    token = "tok-cli-7"
+    app = create_app(stack_settings(pg_pair, FAILOVER_HEALTH_TOKEN=token))
+    async with http_server(app) as url:
+        code, out, err = await run_cli("status", "--url", url, env=clean_env(FAILOVER_HEALTH_TOKEN=token), cwd=tmp_path)
+        assert code == 0, err
+        assert json.loads(out)["postgres"]["using_primary"] is True
+        code, out, err = await run_cli("status", "--url", url, env=clean_env(), cwd=tmp_path)
+        assert code == 1 and "wants a token" in err and token not in out + err
+
+
+async def test_local_up_kill_stop_start_down_leaves_no_process(stack_dir: Path, tmp_path: Path) -> None:
+    env = clean_env()
+    code, _, err = await run_cli("local", "up", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+    assert code == 0, err + server_logs(stack_dir)
+    env_file = stack_dir / "env"
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+    for name in ("SUPABASE_DB_URL", "POSTGRES_URL", "MONGODB_ATLAS_URL", "MONGODB_URL", "UPSTASH_REDIS_URL", "REDIS_URL"):
+        assert values[name].split("://")[1].startswith(("postgres@127.0.0.1:", "127.0.0.1:")), name
+    assert values["FAILOVER_LOCAL_MODE"] == "true"
+    first_pids = stack_pids(stack_dir)
+    assert len(first_pids) >= 6
+
+    code, out, _ = await run_cli("local", "status", "--json", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+    servers = {(s["store"], s["role"]): s for s in json.loads(out)["servers"]}
+    assert len(servers) == 6 and all(s["state"] == "running" for s in servers.values())
+
+    # The env file drives the library: status through it is healthy.
+    code, out, err = await run_cli("status", "--env-file", str(env_file), env=env, cwd=tmp_path)
+    assert code == 0, err
+    assert json.loads(out)["overall_status"] == "healthy"
+
+    killed_pid = servers[("postgres", "primary")]["pid"]
+    code, out, err = await run_cli("local", "kill", "postgres", "primary", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+    assert code == 0, err
+    assert "stopped" in out and not _alive(killed_pid)
+    code, out, _ = await run_cli("local", "stop", "redis", "primary", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+    assert "paused" in out
+    code, out, _ = await run_cli("status", "--env-file", str(env_file), env=env, cwd=tmp_path)
+    status = json.loads(out)
+    assert status["postgres"]["current_db"] == "Local PostgreSQL" and status["redis"]["current_db"] == "Local Redis"
+
+    code, out, _ = await run_cli("local", "start", "redis", "primary", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+    assert "running" in out
+    code, out, err = await run_cli("local", "start", "postgres", "primary", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+    assert code == 0 and "running" in out, err
+    code, out, _ = await run_cli("status", "--env-file", str(env_file), env=env, cwd=tmp_path)
+    assert json.loads(out)["overall_status"] == "healthy"
+
+    every_pid = set(first_pids) | set(stack_pids(stack_dir))
+    code, _, err = await run_cli("local", "down", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+    assert code == 0, err
+    assert [pid for pid in every_pid if _alive(pid)] == []
+    code, out, _ = await run_cli("local", "status", "--json", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+    assert all(s["state"] == "stopped" for s in json.loads(out)["servers"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+async def test_local_up_serve_runs_the_service_and_stops_everything(stack_dir: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "failover", "local", "up", "--serve", "--dir", str(stack_dir), "--port", str(port),
+        env=clean_env(), cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            ready: dict[str, Any] = {}
+
+            async def probe() -> None:
+                try:
+                    ready["r"] = await client.get("/readyz")
+                except httpx.TransportError:
+                    pass
+
+            for _ in range(600):
+                if process.returncode is not None:
+                    break
+                await probe()
+                if ready.get("r") is not None and ready["r"].status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert ready.get("r") is not None and ready["r"].status_code == 200, "the service did not come up"
+            state = (await client.get("/api/v1/dashboard/state")).json()
+            assert state["local_mode"] is True
+            assert set(state["status"]) == {"postgres", "mongodb", "redis", "overall_status"}
+            assert (await client.get("/")).status_code == 200
+            killed = await client.post("/api/v1/local/redis/primary/kill")
+            assert killed.status_code == 200 and killed.json()["server"]["state"] == "stopped"
+            for _ in range(200):
+                health = (await client.get("/api/v1/health/databases")).json()
+                if health["redis"]["current_db"] == "Local Redis":
+                    break
+                await asyncio.sleep(0.05)
+            assert health["redis"]["current_db"] == "Local Redis"
+            started = await client.post("/api/v1/local/redis/primary/start")
+            assert started.status_code == 200 and started.json()["server"]["state"] == "running"
+        pids = stack_pids(stack_dir)
+        assert len(pids) >= 6
+    finally:
+        if process.returncode is None:
+            process.send_signal(sig)
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert "Dashboard:  http://127.0.0.1:" in err.decode()
+    assert [pid for pid in pids if _alive(pid)] == []
+    assert stack_pids(stack_dir) == []
+
+
+async def test_drill_is_delegated(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = await run_cli("drill", "--help", env=clean_env(), cwd=tmp_path)
+    assert code == 0 and "--store" in out
+    monkeypatch.setitem(sys.modules, "failover.drill", None)  # an installation without drills
+    assert main(["drill"]) == 2
+    assert "failover drill is not available: the module failover.drill is missing" in capsys.readouterr().err
+
+
+async def test_local_commands_never_signal_a_recycled_pid(stack_dir: Path, tmp_path: Path) -> None:
+    """stack.json may name a pid that now belongs to another program: it must be left alone."""
+    bystander = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        stack_dir.mkdir(parents=True)
+        state = {f"{store}.{role}": {"port": free_port(), "pid": None} for store in ("postgres", "mongodb", "redis") for role in ("primary", "fallback")}
+        state["postgres.primary"]["pid"] = bystander.pid
+        (stack_dir / "stack.json").write_text(json.dumps(state))
+        env = clean_env()
+        code, out, _ = await run_cli("local", "status", "--json", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+        assert all(s["state"] == "stopped" for s in json.loads(out)["servers"])
+        code, out, err = await run_cli("local", "kill", "postgres", "primary", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+        assert code == 0, err
+        code, _, err = await run_cli("local", "down", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+        assert code == 0, err
+        assert bystander.returncode is None and _alive(bystander.pid)
+    finally:
+        bystander.kill()
+        await bystander.wait()
+
+
+async def test_serve_runs_the_service_and_never_logs_a_password(
+    make_server: Any, tmp_path: Path
+) -> None:
+    pg = (make_server("postgres", password="pw-secret-5"), make_server("postgres", password="pw-secret-5"))
+    redis = make_server("redis", password="pw-secret-6")
+    env_file = tmp_path / "service.env"
+    env_file.write_text(
+        f"SUPABASE_DB_URL={pg[0].url}\nPOSTGRES_URL={pg[1].url}\nREDIS_URL={redis.url}\n"
+        "HEALTH_CHECK_INTERVAL=0.2\nFAILOVER_PROBE_TIMEOUT=0.5\nFAILOVER_CONNECT_TIMEOUT=0.5\n"
+    )
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "failover", "--log-level", "debug", "serve", "--env-file", str(env_file), "--port", str(port),
+        env=clean_env(), cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            health: dict[str, Any] = {}
+            for _ in range(600):
+                if process.returncode is not None:
+                    break
+                with contextlib.suppress(httpx.TransportError):
+                    health = (await client.get("/api/v1/health/databases")).json()
+                    if health.get("postgres", {}).get("using_primary"):
+                        break
+                await asyncio.sleep(0.05)
+            assert health["postgres"]["current_db"] == "Primary PostgreSQL", health
+            assert health["redis"]["current_db"] == "Local Redis"
+            created = await client.post("/api/v1/items", json={"name": "via serve"})
+            assert created.status_code == 201, created.text
+            pg[0].kill()  # errors about a password-protected endpoint go to the log now
+            for _ in range(200):
+                health = (await client.get("/api/v1/health/databases")).json()
+                if health["postgres"]["current_db"] == "Local PostgreSQL":
+                    break
+                await asyncio.sleep(0.05)
+            assert health["postgres"]["current_db"] == "Local PostgreSQL"
+            assert "pw-secret" not in json.dumps(health)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    log = out.decode() + err.decode()
+    assert process.returncode == 0, log[-2000:]
+    assert "Primary PostgreSQL" in log and "Application shutdown complete" in log
+    assert "pw-secret" not in log

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-__all__ = ["redact_url", "redact_text", "url_hosts"]
+__all__ = ["redact_url", "redact_text", "url_hosts", "url_password", "userinfo_is_ambiguous"]
 
 _MASK = "***"
 _SECRET_PARAMS = frozenset({"password", "pass", "pwd", "token", "secret", "sslpassword", "authtoken"})
 # scheme://user:password@  — also catches URLs embedded in driver error messages.
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
 _KV_SECRET = re.compile(r"(?i)\b(password|token|secret)\s*=\s*('[^']*'|\"[^\"]*\"|[^\s&]+)")
+
+
+def _userinfo_span(url: str) -> tuple[int, int] | None:
+    """Where ``user:password`` sits in *url*, read from the raw text.
+
+    A password may hold ``/``, ``#`` or ``?`` that its owner forgot to
+    percent-encode; a URL parser then ends the host part early and sees no
+    password at all. Reading up to the last ``@`` finds it anyway.
+    """
+    start = url.find("://")
+    if start < 0:
+        return None
+    start += 3
+    at = url.rfind("@")
+    if at < start:
+        return None
+    return start, at
 
 
 def redact_url(url: str | None) -> str:
@@ -22,20 +39,31 @@ def redact_url(url: str | None) -> str:
     """
     if not url:
         return ""
+    span = _userinfo_span(url)
+    if span is not None:
+        start, at = span
+        user, sep, _ = url[start:at].partition(":")
+        url = f"{url[:start]}{user}:{_MASK}{url[at:]}" if sep else url
     try:
         parts = urlsplit(url)
     except ValueError:
         return redact_text(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        user, sep, _ = userinfo.partition(":")
-        netloc = f"{user}:{_MASK}@{hostinfo}" if sep else f"{userinfo}@{hostinfo}"
     query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, _MASK if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*,")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if not query:
+        return url
+    pairs = parse_qsl(query, keep_blank_values=True)
+    query = urlencode([(k, _MASK if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*,")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+def userinfo_is_ambiguous(url: str) -> bool:
+    """True when the password holds a character a URL parser reads as the end of the host."""
+    if _userinfo_span(url) is None:
+        return False
+    try:
+        return "@" not in urlsplit(url).netloc
+    except ValueError:
+        return True
 
 
 def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:
@@ -52,14 +80,23 @@ def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:
     return text
 
 
-def url_password(url: str | None) -> str | None:
-    """The password in *url*, if any (used only to scrub it from messages)."""
+def url_secrets(url: str | None) -> tuple[str, ...]:
+    """The password in *url*, as written and percent-decoded (to scrub both from messages)."""
     if not url:
-        return None
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
+        return ()
+    span = _userinfo_span(url)
+    if span is None:
+        return ()
+    password = url[span[0] : span[1]].partition(":")[2]
+    if not password:
+        return ()
+    return tuple(dict.fromkeys((password, unquote(password))))
+
+
+def url_password(url: str | None) -> str | None:
+    """The password in *url* as written, if any."""
+    found = url_secrets(url)
+    return found[0] if found else None
 
 
 def url_hosts(url: str) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ._urls import redact_url
+from ._urls import redact_url, userinfo_is_ambiguous
 from .errors import ConfigurationError
 
 __all__ = ["Settings", "StoreName", "STORES"]
@@ -134,6 +134,11 @@ class Settings(BaseSettings):
         if not value.lower().startswith(_SCHEMES[store]):
             allowed = ", ".join(_SCHEMES[store])
             raise ValueError(f"{variable} must start with one of {allowed} (got {redact_url(value)!r})")
+        if userinfo_is_ambiguous(value):
+            raise ValueError(
+                f"{variable} has a password with a character that must be percent-encoded "
+                f"(/ as %2F, # as %23, ? as %3F, @ as %40): {redact_url(value)!r}"
+            )
         return value
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ class ScriptedBackend(Backend[None]):
 
     def __init__(self) -> None:
         self.up = {Role.PRIMARY: True, Role.FALLBACK: True}
+        self.hung = {Role.PRIMARY: False, Role.FALLBACK: False}
         self.drained: list[Role] = []
 
     async def open(self, endpoint: Endpoint) -> None:
@@ -42,6 +43,8 @@ class ScriptedBackend(Backend[None]):
         pass
 
     async def probe(self, endpoint: Endpoint) -> bool:
+        if self.hung[endpoint.role]:
+            await asyncio.Event().wait()
         if not self.up[endpoint.role]:
             raise NotSent("connection refused to postgresql://u:hunter2@h/db")
         return True
@@ -168,8 +171,9 @@ async def test_a_hung_operation_times_out_with_a_typed_error() -> None:
         await store.close()
 
 
-async def test_a_hung_read_moves_to_the_fallback_within_the_budget() -> None:
-    store, _ = await started_store(operation_timeout=1.0, probe_timeout=0.2)
+async def test_a_hung_read_moves_to_the_fallback_and_a_failed_probe_trips_the_breaker() -> None:
+    store, backend = await started_store(operation_timeout=1.0, probe_timeout=0.2)
+    backend.hung[Role.PRIMARY] = True
 
     async def op(endpoint: Endpoint) -> str:
         if endpoint.role is Role.PRIMARY:
@@ -178,9 +182,44 @@ async def test_a_hung_read_moves_to_the_fallback_within_the_budget() -> None:
 
     try:
         assert await store.run(op, idempotent=True) == "fallback answered"
+        for _ in range(100):  # the confirmation probe runs in the background
+            if store.switch.state is SwitchState.ON_FALLBACK:
+                break
+            await asyncio.sleep(0.01)
         assert store.switch.state is SwitchState.ON_FALLBACK
+        assert "probe timed out" in store.health[Role.PRIMARY].reason
     finally:
         await store.close()
+
+
+async def test_a_slow_operation_on_a_healthy_server_does_not_switch() -> None:
+    store, _ = await started_store(operation_timeout=0.5, probe_timeout=0.1)
+
+    async def slow_report(endpoint: Endpoint) -> str:
+        await asyncio.sleep(1.0)
+        return "never in time"
+
+    try:
+        with pytest.raises(OperationTimeout):
+            await store.run(slow_report)
+        await asyncio.sleep(0.2)  # give a (wrong) confirmation the time to act
+        assert store.switch.state is SwitchState.ON_PRIMARY
+        assert store.health[Role.PRIMARY].healthy is True
+    finally:
+        await store.close()
+
+
+async def test_a_closed_store_refuses_operations() -> None:
+    from failover import ClosedError
+
+    store, _ = await started_store()
+    await store.close()
+
+    async def op(endpoint: Endpoint) -> str:
+        return "x"
+
+    with pytest.raises(ClosedError):
+        await store.run(op)
 
 
 async def test_probe_errors_are_redacted_in_status() -> None:

@@ -130,3 +130,25 @@ def test_display_name_override() -> None:
 
 def test_url_hosts_handles_mongo_seed_lists() -> None:
     assert url_hosts("mongodb://u:p@a.x:1,b.x:2,[::1]:3/db") == ["a.x", "b.x", "::1"]
+
+
+@pytest.mark.parametrize("password", ["Sup3r/Secret", "a#b", "q?x", "p@ss"])
+def test_passwords_with_url_delimiters_are_redacted(password: str) -> None:
+    url = f"postgresql://postgres:{password}@db.x.supabase.co:5432/postgres"
+    assert password not in redact_url(url)
+    assert redact_url(url).startswith("postgresql://postgres:***@")
+
+
+@pytest.mark.parametrize("password", ["Sup3r/Secret", "a#b", "q?x"])
+def test_unencoded_delimiters_in_a_password_are_refused_without_showing_it(password: str) -> None:
+    with pytest.raises(ConfigurationError, match="percent-encoded") as caught:
+        make(UPSTASH_REDIS_URL=f"redis://default:{password}@eu1.upstash.io:6379")
+    assert password not in str(caught.value)
+
+
+def test_percent_encoded_password_is_scrubbed_in_both_forms() -> None:
+    from failover.core.endpoint import Endpoint
+
+    endpoint = Endpoint("postgres", Role.PRIMARY, "Supabase", "postgresql://u:a%2Fb%23c@h/db")
+    assert set(endpoint.secrets) == {"a%2Fb%23c", "a/b#c"}
+    assert "a/b#c" not in redact_text("auth failed for a/b#c", endpoint.secrets)

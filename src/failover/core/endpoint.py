@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .._urls import redact_url, url_hosts, url_password
+from .._urls import redact_url, url_hosts, url_secrets
 
 __all__ = ["Role", "Endpoint", "ProbeResult", "display_name_for"]
 
@@ -36,8 +36,7 @@ class Endpoint:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Strings that must be scrubbed from any message about this endpoint."""
-        password = url_password(self.url)
-        return (password,) if password else ()
+        return url_secrets(self.url)
 
     def option(self, key: str, default: str | None = None) -> str | None:
         return dict(self.options).get(key, default)

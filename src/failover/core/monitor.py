@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
 __all__ = ["Monitor"]
 
 logger = logging.getLogger("failover.monitor")
+
+DEFAULT_MIN_GAP = 0.25
 
 
 class Monitor:
@@ -32,6 +35,9 @@ class Monitor:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0
+        # wake() may be called by every failing request; rounds stay this far apart
+        # so an outage does not turn into a storm of probe connections.
+        self.min_gap = min(interval, DEFAULT_MIN_GAP)
 
     def start(self) -> None:
         if self._task is None:
@@ -50,11 +56,16 @@ class Monitor:
                 await task
 
     async def _run(self) -> None:
+        last_round = time.monotonic()
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
                     await self._wake.wait()
+            too_soon = self.min_gap - (time.monotonic() - last_round)
+            if too_soon > 0:
+                await asyncio.sleep(too_soon)  # a rate limit, not a wait for a condition
             self._wake.clear()
+            last_round = time.monotonic()
             store = self._store()
             if store is None:
                 return

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from .._urls import redact_text
-from ..errors import NoEndpointAvailable, OperationTimeout, OutcomeUnknown
+from ..errors import ClosedError, NoEndpointAvailable, OperationTimeout, OutcomeUnknown
 from .clock import Clock, SystemClock
 from .endpoint import Endpoint, ProbeResult, Role
 from .events import EventBus, OperationRetried, StateChanged, SwitchState
@@ -59,6 +59,11 @@ class Backend(abc.ABC, Generic[ClientT]):
     """What failover needs to know about one driver."""
 
     store: str
+
+    enforces_deadlines: bool = False
+    """True when the driver honours :func:`attempt_deadline` itself (cutting its socket in
+    time); the router's own timer then only backs it up, a little later, because
+    cancelling such a driver mid-query is slow (psycopg tries to cancel on the server)."""
 
     @abc.abstractmethod
     async def open(self, endpoint: Endpoint) -> None:
@@ -176,6 +181,8 @@ class FailoverStore(Generic[ClientT]):
         self.monitor = Monitor(self, options.probe_interval)
         self.counters = {"operations": 0, "retries": 0, "errors": 0}
         self._started = False
+        self._closed = False
+        self._confirming: set[Role] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._unsubscribe = self.bus.subscribe(self._on_event)
 
@@ -202,10 +209,14 @@ class FailoverStore(Generic[ClientT]):
         self._started = True
 
     async def close(self) -> None:
+        self._closed = True
         await self.monitor.stop()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        # Let drains finish (they are bounded): a cancelled drain could leak the pool it took.
+        if self._background:
+            _done, pending = await asyncio.wait(set(self._background), timeout=self.options.operation_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         for endpoint in self.endpoints.values():
             try:
                 await self.backend.close(endpoint)
@@ -220,8 +231,10 @@ class FailoverStore(Generic[ClientT]):
         """Probe one endpoint, never raising, bounded by the probe timeout."""
         endpoint = self.endpoints[role]
         started = time.monotonic()
+        timeout = self.options.probe_timeout
+        token = _attempt_deadline.set(started + timeout)
         try:
-            async with asyncio.timeout(self.options.probe_timeout):
+            async with asyncio.timeout(timeout + self._backstop):
                 writable = await self.backend.probe(endpoint)
         except TimeoutError:
             return ProbeResult(role, False, False, None, f"probe timed out after {self.options.probe_timeout:g}s", self.clock.monotonic())
@@ -229,6 +242,8 @@ class FailoverStore(Generic[ClientT]):
             raise
         except Exception as exc:
             return ProbeResult(role, False, False, None, self.describe(endpoint, exc), self.clock.monotonic())
+        finally:
+            _attempt_deadline.reset(token)
         latency = time.monotonic() - started
         error = None if writable else "reachable but read-only (not a writable primary)"
         return ProbeResult(role, True, writable, latency, error, self.clock.monotonic())
@@ -244,6 +259,7 @@ class FailoverStore(Generic[ClientT]):
         primary = self.health.get(Role.PRIMARY)
         if (
             self.switch.state is SwitchState.ON_FALLBACK
+            and self.switch.pinned is None
             and primary is not None
             and primary.healthy
             and primary.healthy_for() >= self.switch.failback_delay
@@ -253,6 +269,7 @@ class FailoverStore(Generic[ClientT]):
                 await self.backend.warm(primary.endpoint, self.options.probe_timeout)
             except Exception as exc:
                 logger.warning("warming %s %s failed: %s", self.name, primary.endpoint.name, self.describe(primary.endpoint, exc))
+                self.switch.evaluate(allow_failback=False)
                 return
         self.switch.evaluate()
 
@@ -276,11 +293,14 @@ class FailoverStore(Generic[ClientT]):
         *idempotent*, after any connection-level failure. The whole call, retries
         included, is bounded by *timeout* (default: the operation timeout).
         """
+        if self._closed:
+            raise ClosedError(f"the {self.name} store is closed")
         self.counters["operations"] += 1
         budget = self.options.operation_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         tried: list[Role] = []
         failures: list[str] = []
+        maybe_sent = False  # did any attempt get as far as possibly reaching a server?
         while True:
             roles = [r for r in self.switch.candidates() if r not in tried]
             if not roles:
@@ -295,7 +315,8 @@ class FailoverStore(Generic[ClientT]):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.counters["errors"] += 1
-                raise OperationTimeout(
+                error_type = OperationTimeout if maybe_sent else NoEndpointAvailable
+                raise error_type(
                     f"{self.name}: {label} did not finish within {budget:g}s ({'; '.join(failures)})",
                     store=self.name,
                     endpoint=endpoint.name,
@@ -305,15 +326,17 @@ class FailoverStore(Generic[ClientT]):
             if idempotent and self._has_candidate([*tried, role]):
                 attempt = min(remaining, max(self.options.probe_timeout, remaining / 2))
             token = _attempt_deadline.set(time.monotonic() + attempt)
+            # A wait as long as a probe's makes the endpoint suspect: probe it now, while
+            # this attempt goes on waiting, so that new operations leave a hung server early.
+            suspicion = self._loop_call_later(self.options.probe_timeout, self.suspect, role, f"{label} waited {self.options.probe_timeout:g}s")
             try:
-                async with asyncio.timeout(attempt):
+                async with asyncio.timeout(attempt + self._backstop):
                     result = await operation(endpoint)
             except TimeoutError as exc:
                 reason = f"{label} timed out on {endpoint.name} after {attempt:.2g}s"
-                if attempt >= self.options.probe_timeout:
-                    # As slow as a failed probe: the endpoint is hung. A shorter
-                    # attempt only ran out of the caller's budget.
-                    self.record_failure(role, reason)
+                maybe_sent = True
+                # Slow is not dead (a long query, a lock): a probe decides.
+                self.suspect(role, reason)
                 tried.append(role)
                 failures.append(reason)
                 if idempotent and self._has_candidate(tried) and deadline - time.monotonic() > 0:
@@ -334,6 +357,7 @@ class FailoverStore(Generic[ClientT]):
                 self.record_failure(role, reason)
                 tried.append(role)
                 failures.append(f"{endpoint.name}: {reason}")
+                maybe_sent = maybe_sent or kind is not ErrorKind.NOT_SENT
                 if kind is ErrorKind.NOT_SENT or idempotent:
                     self._note_retry(role, reason)
                     continue
@@ -349,6 +373,8 @@ class FailoverStore(Generic[ClientT]):
                 return result
             finally:
                 _attempt_deadline.reset(token)
+                if suspicion is not None:
+                    suspicion.cancel()
 
     def lost_during(self, endpoint: Endpoint, exc: BaseException, label: str = "operation") -> BaseException:
         """Account for *exc* raised after an operation was handed to *endpoint*.
@@ -357,7 +383,7 @@ class FailoverStore(Generic[ClientT]):
         application errors, :class:`OutcomeUnknown` for connection failures.
         """
         if isinstance(exc, TimeoutError):
-            self.record_failure(endpoint.role, f"{label} timed out")
+            self.suspect(endpoint.role, f"{label} timed out")
             self.counters["errors"] += 1
             err: OutcomeUnknown = OperationTimeout(
                 f"{self.name}: {label} on {endpoint.name} did not finish within its deadline; "
@@ -386,6 +412,37 @@ class FailoverStore(Generic[ClientT]):
         if self.health[role].record_operation_failure(reason):
             self.switch.evaluate()
         self.monitor.wake()
+
+    def suspect(self, role: Role, reason: str) -> None:
+        """Something was slow on *role*: probe it at once and trip its breaker if the probe fails.
+
+        Timeouts alone never trip a breaker: a slow report or a lock wait is not a
+        dead server. One confirmation probe per endpoint runs at a time.
+        """
+        if role in self._confirming or self._closed or self.health[role].healthy is False:
+            return
+        self._confirming.add(role)
+
+        async def confirm() -> None:
+            try:
+                result = await self.probe(role)
+                if not result.usable:
+                    self.record_failure(role, f"{reason}; probe: {result.error}")
+            finally:
+                self._confirming.discard(role)
+
+        self._spawn(confirm(), f"confirm {role}")
+
+    @property
+    def _backstop(self) -> float:
+        return 1.0 if self.backend.enforces_deadlines else 0.0
+
+    @staticmethod
+    def _loop_call_later(delay: float, callback: Callable[..., None], *args: Any) -> asyncio.TimerHandle | None:
+        try:
+            return asyncio.get_running_loop().call_later(delay, callback, *args)
+        except RuntimeError:
+            return None
 
     def _has_candidate(self, tried: list[Role]) -> bool:
         return any(r not in tried for r in self.switch.candidates())

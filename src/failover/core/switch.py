@@ -151,9 +151,13 @@ class Switch:
         """True when the store runs where it should when all is well."""
         return self.state is self._preferred_state()
 
-    def evaluate(self) -> StateChanged | None:
-        """Apply the current health to the state. Returns the event if the state moved."""
-        target, reason = self._decide()
+    def evaluate(self, allow_failback: bool = True) -> StateChanged | None:
+        """Apply the current health to the state. Returns the event if the state moved.
+
+        ``allow_failback=False`` applies everything but a return to the primary
+        (used when the primary's pool could not be readied).
+        """
+        target, reason = self._decide(allow_failback)
         if target is self.state:
             return None
         if self.state is SwitchState.RECONCILING and target is SwitchState.ON_PRIMARY:

@@ -37,8 +37,9 @@ class LocalStack:
         for store in stores:
             for role in ROLES:
                 port = saved.get(f"{store}.{role}", {}).get("port")
+                options = {"persistent": True} if store == "redis" else {}
                 self.servers[(store, role)] = _CLASSES[store](
-                    self.base_dir / f"{store}-{role}", port, name=f"{store} {role}"
+                    self.base_dir / f"{store}-{role}", port, name=f"{store} {role}", **options
                 )
 
     @property

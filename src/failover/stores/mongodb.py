@@ -776,5 +776,9 @@ def create(
         connect_timeout=settings.connect_timeout,
         pool_min_size=settings.pool_min_size,
         pool_max_size=settings.pool_max_size,
+        # A retired client must outlive every operation it carries: closing it under a
+        # write that PyMongo is retrying turns the write's network error into "client
+        # closed", which would read as "never sent" and run the write a second time.
+        drain_grace=max(DEFAULT_DRAIN_GRACE, settings.operation_timeout + 1.0),
     )
     return MongoStore(FailoverStore(backend, endpoints, options, bus=bus, clock=clock), backend)

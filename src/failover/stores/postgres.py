@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import select
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -30,11 +30,17 @@ import psycopg_pool
 from psycopg import AsyncConnection
 
 from ..core.endpoint import Endpoint, Role
+from ..core.sockets import hung_up_or_pending
 from ..core.store import Backend, ErrorKind, FailoverStore, attempt_deadline
 
 __all__ = ["PostgresBackend", "PostgresStore"]
 
 logger = logging.getLogger("failover.postgres")
+
+# Time kept from an attempt's deadline for the statement itself after acquisition.
+_SEND_MARGIN = 0.05
+# Statements that only read, so retrying them on the other endpoint is harmless.
+_READ_ONLY_SQL = re.compile(r"^\s*(select|show|values|table|explain)\b", re.IGNORECASE)
 
 # SQLSTATE classes/codes that mean "this connection or server is gone".
 _CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
@@ -58,6 +64,7 @@ class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
     """psycopg pools, probes and error classification for the failover core."""
 
     store = "postgres"
+    enforces_deadlines = True  # cancelling psycopg mid-query waits on the server; we cut sockets instead
 
     def __init__(self, *, pool_min_size: int = 1, pool_max_size: int = 10, connect_timeout: float = 2.0) -> None:
         if pool_max_size < max(pool_min_size, 1):
@@ -126,11 +133,19 @@ class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
         await self.drain(endpoint)
 
     async def probe(self, endpoint: Endpoint) -> bool:
-        conn = await self._connect(endpoint, autocommit=True)
+        ends = attempt_deadline() or (time.monotonic() + self.connect_timeout)
+        async with asyncio.timeout(max(0.001, ends - time.monotonic())):
+            conn = await AsyncConnection.connect(endpoint.url, autocommit=True, **self._connect_kwargs())
+        deadline = _Deadline(conn, ends - time.monotonic())
         try:
             cur = await conn.execute(_PROBE_SQL)
             row = await cur.fetchone()
+        except (psycopg.Error, OSError) as exc:
+            if deadline.fired:
+                raise TimeoutError("the probe query got no answer in time") from exc
+            raise
         finally:
+            deadline.cancel()
             await conn.close()
         assert row is not None
         in_recovery, read_only, default_read_only = row
@@ -139,6 +154,8 @@ class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
     def classify(self, exc: BaseException) -> ErrorKind:
         if isinstance(exc, (_NotSent, psycopg_pool.PoolClosed)):
             return ErrorKind.NOT_SENT
+        if isinstance(exc, psycopg_pool.PoolTimeout):
+            return ErrorKind.APPLICATION  # every connection busy: saturation, not a dead server
         if isinstance(exc, psycopg.Error):
             sqlstate = exc.sqlstate
             if sqlstate == _READ_ONLY_SQLSTATE:
@@ -157,10 +174,19 @@ class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
     async def acquire(
         self, endpoint: Endpoint, timeout: float, probe_timeout: float
     ) -> tuple[AsyncConnection[Any], psycopg_pool.AsyncConnectionPool]:
-        """A live connection of *endpoint*'s pool; raises ``_NotSent`` when there is none."""
-        deadline = time.monotonic() + timeout
+        """A live connection of *endpoint*'s pool; raises ``_NotSent`` when there is none.
+
+        Bounded by the routed attempt's deadline (less a margin for the statement),
+        so a slow acquisition is reported as *not sent*, never as a timed-out statement.
+        """
+        deadline = min(time.monotonic() + timeout, attempt_deadline() or float("inf")) - _SEND_MARGIN
+        checked = False
         for _ in range(self.pool_max_size + 1):
-            pool = await self.pool(endpoint)
+            try:
+                async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
+                    pool = await self.pool(endpoint)
+            except TimeoutError as exc:
+                raise _NotSent("timed out connecting", exc) from exc
             try:
                 conn = await pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
             except psycopg_pool.PoolTimeout as exc:
@@ -172,14 +198,21 @@ class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
             if _socket_alive(conn):
                 return conn, pool
             await pool.putconn(conn)  # broken: the pool discards it
+            if checked:
+                continue
             try:
-                async with asyncio.timeout(probe_timeout):
+                async with asyncio.timeout(max(0.001, min(probe_timeout, deadline - time.monotonic()))):
                     writable = await self.probe(endpoint)
             except Exception as exc:
                 raise _NotSent(f"pooled connection was dead and the server does not answer: {exc}", exc) from exc
             if not writable:
                 raise _NotSent("pooled connection was dead and the server is read-only now")
-            # The server is fine; that connection was just old. Take another.
+            # The server is up (it restarted): its other idle connections are dead too.
+            # Have the pool weed them out in one pass instead of probing once per connection.
+            checked = True
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
+                    await pool.check()
         raise _NotSent("every pooled connection was dead")
 
     def stats(self) -> dict[str, dict[str, int]]:
@@ -215,6 +248,12 @@ class _Deadline:
         self._handle.cancel()
 
 
+def _idempotent(query: Any, declared: bool | None) -> bool:
+    if declared is not None:
+        return declared
+    return isinstance(query, str) and bool(_READ_ONLY_SQL.match(query))
+
+
 def _socket_alive(conn: AsyncConnection[Any]) -> bool:
     """True unless the connection's socket already saw the server hang up.
 
@@ -224,9 +263,7 @@ def _socket_alive(conn: AsyncConnection[Any]) -> bool:
     if conn.closed or conn.broken:
         return False
     try:
-        fd = conn.pgconn.socket
-        readable, _, _ = select.select([fd], [], [], 0)
-        if not readable:
+        if not hung_up_or_pending(conn.pgconn.socket):
             return True
         conn.pgconn.consume_input()
     except (psycopg.Error, OSError, ValueError):
@@ -358,16 +395,31 @@ class PostgresStore:
         return int(await self._statement(query, params, "none", idempotent, timeout))
 
     async def fetch(
-        self, query: Any, params: Sequence[Any] | dict[str, Any] | None = None, *, timeout: float | None = None
+        self,
+        query: Any,
+        params: Sequence[Any] | dict[str, Any] | None = None,
+        *,
+        idempotent: bool | None = None,
+        timeout: float | None = None,
     ) -> list[Any]:
-        """Run a read-only query and return every row (retried elsewhere on connection failure)."""
-        return list(await self._statement(query, params, "all", True, timeout))
+        """Run one statement in its own transaction and return every row.
+
+        *idempotent* defaults to True for statements that only read (``SELECT``,
+        ``SHOW``, ``VALUES``, ``TABLE``, ``EXPLAIN``), which are then retried on the
+        other endpoint after a connection failure; an ``INSERT ... RETURNING`` is not.
+        """
+        return list(await self._statement(query, params, "all", _idempotent(query, idempotent), timeout))
 
     async def fetchone(
-        self, query: Any, params: Sequence[Any] | dict[str, Any] | None = None, *, timeout: float | None = None
+        self,
+        query: Any,
+        params: Sequence[Any] | dict[str, Any] | None = None,
+        *,
+        idempotent: bool | None = None,
+        timeout: float | None = None,
     ) -> Any:
-        """Run a read-only query and return its first row or None."""
-        return await self._statement(query, params, "one", True, timeout)
+        """Like :meth:`fetch`, returning the first row or None."""
+        return await self._statement(query, params, "one", _idempotent(query, idempotent), timeout)
 
     @property
     def active_endpoint(self) -> Endpoint | None:

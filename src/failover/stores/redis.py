@@ -23,8 +23,8 @@ probes check ``ROLE`` (falling back to ``INFO replication``, then to "writable"
 on servers that have neither, such as some managed services), and a
 ``READONLY`` reply is treated as *not applied*, so the command moves on.
 
-Known limits: a pool saturated for longer than the connect timeout counts as a
-failure of its endpoint; ``scan_iter`` keeps a whole iteration on one endpoint but
+A pool whose connections all stay busy for a whole attempt raises
+:class:`PoolExhausted` (load, not a dead server: no breaker trips). Known limits: ``scan_iter`` keeps a whole iteration on one endpoint but
 ``hscan_iter``/``sscan_iter``/``zscan_iter`` route each step on its own.
 
 Upstash (the usual primary) has no ``REPLICAOF``, ``DUMP`` or ``RESTORE``; nothing
@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import select
 import time
 from collections.abc import AsyncIterator, Generator, Sequence
 from typing import Any
@@ -61,9 +60,10 @@ from .._urls import redact_text
 from ..core.clock import Clock
 from ..core.endpoint import Endpoint, Role
 from ..core.events import EventBus
+from ..core.sockets import hung_up_or_pending
 from ..core.store import Backend, ErrorKind, FailoverStore, StoreOptions, attempt_deadline
 
-__all__ = ["IDEMPOTENT_COMMANDS", "RedisBackend", "RedisPipeline", "RedisStore", "create", "is_idempotent"]
+__all__ = ["IDEMPOTENT_COMMANDS", "PoolExhausted", "RedisBackend", "RedisPipeline", "RedisStore", "create", "is_idempotent"]
 
 logger = logging.getLogger("failover.redis")
 
@@ -136,6 +136,20 @@ def _command_name(value: Any) -> str:
 
 class CommandNotSent(RedisError):
     """Internal: the lease failed, nothing of the command was sent."""
+
+
+class PoolExhausted(RedisError):
+    """Every connection of the endpoint's pool stayed busy for the whole attempt.
+
+    That is load, not a dead server: it reaches the caller and trips no breaker.
+    """
+
+
+def _saturated(pool: BlockingConnectionPool) -> bool:
+    can_get = getattr(pool, "can_get_connection", None)
+    if can_get is not None:
+        return not can_get()
+    return len(getattr(pool, "_in_use_connections", ())) >= pool.max_connections
 
 
 # redis-py < 5.3 wants a command name (ignored) when taking a pooled connection.
@@ -251,12 +265,10 @@ class RedisBackend(Backend[BlockingConnectionPool]):
         must ``release`` it to the pool.
         """
         pool = self.pool(endpoint)
-        # Leave a little of the attempt's time for sending, so a connect that times
-        # out is reported as not sent rather than as a timed-out command.
+        # Wait for a free connection as long as the attempt allows (leaving a little for
+        # sending); connecting itself is bounded by socket_connect_timeout.
         deadline = attempt_deadline()
-        budget = self.connect_timeout
-        if deadline is not None:
-            budget = max(0.001, min(budget, deadline - time.monotonic() - 0.01))
+        budget = self.connect_timeout if deadline is None else max(0.001, deadline - time.monotonic() - 0.01)
         conn: AbstractConnection | None = None
         try:
             async with asyncio.timeout(budget):
@@ -270,6 +282,11 @@ class RedisBackend(Backend[BlockingConnectionPool]):
             if conn is not None:
                 await conn.disconnect(nowait=True)
                 await pool.release(conn)
+            elif isinstance(exc, TimeoutError) and _saturated(pool):
+                raise PoolExhausted(
+                    f"all {pool.max_connections} connections to {endpoint.name} are busy "
+                    "(raise FAILOVER_POOL_MAX_SIZE or FAILOVER_OPERATION_TIMEOUT)"
+                ) from exc
             what = "timed out connecting" if isinstance(exc, TimeoutError) else _redacted(endpoint, exc)
             raise CommandNotSent(f"{what} (nothing was sent to {endpoint.name})") from exc
         except BaseException:
@@ -351,7 +368,7 @@ def _idle_and_alive(conn: AbstractConnection) -> bool:
 
     redis-py's own check (``can_read_destructive``) sees a hang-up only after the
     event loop has read it; a server killed a moment ago may not have been
-    noticed yet. Asking the kernel (``select`` with a zero timeout) costs no round
+    noticed yet. Asking the kernel (``poll`` with a zero timeout) costs no round
     trip and no wait, and an idle RESP connection must have nothing to read.
     """
     if not conn.is_connected:
@@ -364,10 +381,9 @@ def _idle_and_alive(conn: AbstractConnection) -> bool:
         fd = sock.fileno()
         if fd < 0:
             return False
-        readable, _, _ = select.select([fd], [], [], 0)
+        return not hung_up_or_pending(fd)
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 def _redacted(endpoint: Endpoint, exc: BaseException) -> str:

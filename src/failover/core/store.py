@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextvars
 import enum
 import logging
 import time
@@ -19,6 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from .._urls import redact_text
 from ..errors import ClosedError, NoEndpointAvailable, OperationTimeout, OutcomeUnknown
+from .attempt import AttemptClock
 from .clock import Clock, SystemClock
 from .endpoint import Endpoint, ProbeResult, Role
 from .events import EventBus, OperationRetried, StateChanged, SwitchState
@@ -26,21 +26,16 @@ from .health import EndpointHealth
 from .monitor import Monitor
 from .switch import Switch
 
-__all__ = ["Backend", "ErrorKind", "FailoverStore", "StoreOptions", "attempt_deadline"]
+__all__ = ["Backend", "ErrorKind", "FailoverStore", "StoreOptions"]
 
 logger = logging.getLogger("failover.store")
 
+DEFAULT_SUSPECT_AFTER = 0.5
+"""Seconds an operation may wait before its endpoint gets a confirmation probe."""
+
 T = TypeVar("T")
 
-_attempt_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("failover_attempt_deadline", default=None)
 
-
-def attempt_deadline() -> float | None:
-    """The ``time.monotonic()`` by which the current routed attempt must finish, if any.
-
-    Drivers whose cancellation is slow (psycopg) use it to cut their socket just in time.
-    """
-    return _attempt_deadline.get()
 ClientT = TypeVar("ClientT")
 
 
@@ -59,11 +54,6 @@ class Backend(abc.ABC, Generic[ClientT]):
     """What failover needs to know about one driver."""
 
     store: str
-
-    enforces_deadlines: bool = False
-    """True when the driver honours :func:`attempt_deadline` itself (cutting its socket in
-    time); the router's own timer then only backs it up, a little later, because
-    cancelling such a driver mid-query is slow (psycopg tries to cancel on the server)."""
 
     @abc.abstractmethod
     async def open(self, endpoint: Endpoint) -> None:
@@ -232,9 +222,8 @@ class FailoverStore(Generic[ClientT]):
         endpoint = self.endpoints[role]
         started = time.monotonic()
         timeout = self.options.probe_timeout
-        token = _attempt_deadline.set(started + timeout)
         try:
-            async with asyncio.timeout(timeout + self._backstop):
+            with AttemptClock(started + timeout):
                 writable = await self.backend.probe(endpoint)
         except TimeoutError:
             return ProbeResult(role, False, False, None, f"probe timed out after {self.options.probe_timeout:g}s", self.clock.monotonic())
@@ -242,8 +231,6 @@ class FailoverStore(Generic[ClientT]):
             raise
         except Exception as exc:
             return ProbeResult(role, False, False, None, self.describe(endpoint, exc), self.clock.monotonic())
-        finally:
-            _attempt_deadline.reset(token)
         latency = time.monotonic() - started
         error = None if writable else "reachable but read-only (not a writable primary)"
         return ProbeResult(role, True, writable, latency, error, self.clock.monotonic())
@@ -325,12 +312,15 @@ class FailoverStore(Generic[ClientT]):
             attempt = remaining
             if idempotent and self._has_candidate([*tried, role]):
                 attempt = min(remaining, max(self.options.probe_timeout, remaining / 2))
-            token = _attempt_deadline.set(time.monotonic() + attempt)
-            # A wait as long as a probe's makes the endpoint suspect: probe it now, while
-            # this attempt goes on waiting, so that new operations leave a hung server early.
-            suspicion = self._loop_call_later(self.options.probe_timeout, self.suspect, role, f"{label} waited {self.options.probe_timeout:g}s")
+            now = time.monotonic()
             try:
-                async with asyncio.timeout(attempt + self._backstop):
+                # A long wait makes the endpoint suspect: it is probed at once while this
+                # attempt goes on waiting, so new operations leave a hung server early.
+                with AttemptClock(
+                    now + attempt,
+                    suspect_at=now + self._suspect_after,
+                    on_suspect=lambda: self.suspect(role, label),
+                ):
                     result = await operation(endpoint)
             except TimeoutError as exc:
                 reason = f"{label} timed out on {endpoint.name} after {attempt:.2g}s"
@@ -371,10 +361,6 @@ class FailoverStore(Generic[ClientT]):
             else:
                 self.health[role].record_operation_success()
                 return result
-            finally:
-                _attempt_deadline.reset(token)
-                if suspicion is not None:
-                    suspicion.cancel()
 
     def lost_during(self, endpoint: Endpoint, exc: BaseException, label: str = "operation") -> BaseException:
         """Account for *exc* raised after an operation was handed to *endpoint*.
@@ -427,22 +413,15 @@ class FailoverStore(Generic[ClientT]):
             try:
                 result = await self.probe(role)
                 if not result.usable:
-                    self.record_failure(role, f"{reason}; probe: {result.error}")
+                    self.record_failure(role, f"slow {reason}, then a probe failed: {result.error}")
             finally:
                 self._confirming.discard(role)
 
         self._spawn(confirm(), f"confirm {role}")
 
     @property
-    def _backstop(self) -> float:
-        return 1.0 if self.backend.enforces_deadlines else 0.0
-
-    @staticmethod
-    def _loop_call_later(delay: float, callback: Callable[..., None], *args: Any) -> asyncio.TimerHandle | None:
-        try:
-            return asyncio.get_running_loop().call_later(delay, callback, *args)
-        except RuntimeError:
-            return None
+    def _suspect_after(self) -> float:
+        return min(DEFAULT_SUSPECT_AFTER, self.options.probe_timeout / 2)
 
     def _has_candidate(self, tried: list[Role]) -> bool:
         return any(r not in tried for r in self.switch.candidates())

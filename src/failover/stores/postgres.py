@@ -31,7 +31,8 @@ from psycopg import AsyncConnection
 
 from ..core.endpoint import Endpoint, Role
 from ..core.sockets import hung_up_or_pending
-from ..core.store import Backend, ErrorKind, FailoverStore, attempt_deadline
+from ..core.attempt import attempt_deadline, current_attempt
+from ..core.store import Backend, ErrorKind, FailoverStore
 
 __all__ = ["PostgresBackend", "PostgresStore"]
 
@@ -64,7 +65,6 @@ class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
     """psycopg pools, probes and error classification for the failover core."""
 
     store = "postgres"
-    enforces_deadlines = True  # cancelling psycopg mid-query waits on the server; we cut sockets instead
 
     def __init__(self, *, pool_min_size: int = 1, pool_max_size: int = 10, connect_timeout: float = 2.0) -> None:
         if pool_max_size < max(pool_min_size, 1):
@@ -136,7 +136,7 @@ class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
         ends = attempt_deadline() or (time.monotonic() + self.connect_timeout)
         async with asyncio.timeout(max(0.001, ends - time.monotonic())):
             conn = await AsyncConnection.connect(endpoint.url, autocommit=True, **self._connect_kwargs())
-        deadline = _Deadline(conn, ends - time.monotonic())
+        deadline = _Deadline(conn) if current_attempt() else _Deadline(conn, ends - time.monotonic())
         try:
             cur = await conn.execute(_PROBE_SQL)
             row = await cur.fetchone()
@@ -182,11 +182,13 @@ class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
         deadline = min(time.monotonic() + timeout, attempt_deadline() or float("inf")) - _SEND_MARGIN
         checked = False
         for _ in range(self.pool_max_size + 1):
-            try:
-                async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
-                    pool = await self.pool(endpoint)
-            except TimeoutError as exc:
-                raise _NotSent("timed out connecting", exc) from exc
+            pool = self._pools.get(endpoint.role)  # the hot path: no timer needed
+            if pool is None:
+                try:
+                    async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
+                        pool = await self.pool(endpoint)
+                except TimeoutError as exc:
+                    raise _NotSent("timed out connecting", exc) from exc
             try:
                 conn = await pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
             except psycopg_pool.PoolTimeout as exc:
@@ -225,13 +227,23 @@ class _Deadline:
     Cancelling a psycopg query makes psycopg try to cancel it on the server and
     wait for that (up to 10 s on a hung server). Shutting the socket down
     instead makes the pending read fail at once, and the connection is then
-    known to be unusable.
+    known to be unusable. Inside a routed attempt the attempt's own timer does
+    the cutting (one timer per operation); elsewhere (a ``connection()`` block)
+    this arms a timer of its own.
     """
 
-    def __init__(self, conn: AsyncConnection[Any], seconds: float) -> None:
+    __slots__ = ("conn", "fired", "_cancel")
+
+    def __init__(self, conn: AsyncConnection[Any], seconds: float | None = None) -> None:
         self.conn = conn
         self.fired = False
-        self._handle = asyncio.get_running_loop().call_later(max(0.0, seconds), self._fire)
+        attempt = current_attempt() if seconds is None else None
+        if attempt is not None:
+            self._cancel = attempt.on_deadline(self._fire)
+        elif seconds is not None:
+            self._cancel = asyncio.get_running_loop().call_later(max(0.0, seconds), self._fire).cancel
+        else:
+            self._cancel = _nothing
 
     def _fire(self) -> None:
         self.fired = True
@@ -245,7 +257,11 @@ class _Deadline:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def cancel(self) -> None:
-        self._handle.cancel()
+        self._cancel()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _idempotent(query: Any, declared: bool | None) -> bool:
@@ -342,13 +358,10 @@ class PostgresStore:
         store = self.failover
         budget = store.options.operation_timeout if timeout is None else timeout
 
-        started = time.monotonic()
-
         async def run(endpoint: Endpoint) -> Any:
             conn, pool = await self.backend.acquire(endpoint, budget, store.options.probe_timeout)
-            # Fire just before the router's own deadline so the socket is cut, not the task cancelled.
-            ends = attempt_deadline() or (started + budget)
-            deadline = _Deadline(conn, ends - time.monotonic() - 0.01)
+            deadline = _Deadline(conn)  # cut by the attempt's clock at its deadline
+
             ok = False
             try:
                 cur = await conn.execute(query, params)

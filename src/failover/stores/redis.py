@@ -61,7 +61,8 @@ from ..core.clock import Clock
 from ..core.endpoint import Endpoint, Role
 from ..core.events import EventBus
 from ..core.sockets import hung_up_or_pending
-from ..core.store import Backend, ErrorKind, FailoverStore, StoreOptions, attempt_deadline
+from ..core.attempt import attempt_deadline
+from ..core.store import Backend, ErrorKind, FailoverStore, StoreOptions
 
 __all__ = ["IDEMPOTENT_COMMANDS", "PoolExhausted", "RedisBackend", "RedisPipeline", "RedisStore", "create", "is_idempotent"]
 
@@ -271,13 +272,18 @@ class RedisBackend(Backend[BlockingConnectionPool]):
         budget = self.connect_timeout if deadline is None else max(0.001, deadline - time.monotonic() - 0.01)
         conn: AbstractConnection | None = None
         try:
-            async with asyncio.timeout(budget):
-                conn = await pool.get_connection(*_GET_CONNECTION_ARGS)  # connects a new connection (AUTH, SELECT)
-                if not _idle_and_alive(conn):
-                    # The socket already holds the server's hang-up (or stray bytes):
-                    # reconnect now; if the server is down this fails before sending.
-                    await conn.disconnect(nowait=True)
-                    await conn.connect()
+            if getattr(pool, "_available_connections", None):
+                # An idle connection is there: nothing to wait for, no timer on the hot path.
+                conn = await pool.get_connection(*_GET_CONNECTION_ARGS)
+            else:
+                # Waiting for a slot, or connecting (AUTH may wait on a hung server).
+                async with asyncio.timeout(budget):
+                    conn = await pool.get_connection(*_GET_CONNECTION_ARGS)
+            if not _idle_and_alive(conn):
+                # The socket already holds the server's hang-up (or stray bytes):
+                # reconnect now; if the server is down this fails before sending.
+                await conn.disconnect(nowait=True)
+                await conn.connect()
         except (RedisError, OSError, TimeoutError) as exc:
             if conn is not None:
                 await conn.disconnect(nowait=True)

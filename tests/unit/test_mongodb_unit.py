@@ -79,7 +79,7 @@ def _not_primary(code: int) -> NotPrimaryError:
         (AutoReconnect("connection closed"), ErrorKind.OUTCOME_UNKNOWN),
         (NetworkTimeout("timed out"), ErrorKind.OUTCOME_UNKNOWN),
         (ConnectionResetError(), ErrorKind.OUTCOME_UNKNOWN),
-        (WaitQueueTimeoutError("pool saturated"), ErrorKind.APPLICATION),
+        (WaitQueueTimeoutError("pool saturated"), ErrorKind.BUSY),
         (DuplicateKeyError("E11000", 11000), ErrorKind.APPLICATION),
         (OperationFailure("bad query", 2), ErrorKind.APPLICATION),
         (BulkWriteError({"writeErrors": [], "nInserted": 0}), ErrorKind.APPLICATION),

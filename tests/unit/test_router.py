@@ -25,6 +25,10 @@ class AppError(Exception):
     pass
 
 
+class Busy(Exception):
+    pass
+
+
 class ScriptedBackend(Backend[None]):
     store = "postgres"
 
@@ -54,6 +58,8 @@ class ScriptedBackend(Backend[None]):
             return ErrorKind.NOT_SENT
         if isinstance(exc, Lost):
             return ErrorKind.OUTCOME_UNKNOWN
+        if isinstance(exc, Busy):
+            return ErrorKind.BUSY
         return ErrorKind.APPLICATION
 
 
@@ -230,5 +236,39 @@ async def test_probe_errors_are_redacted_in_status() -> None:
         text = str(store.status())
         assert "hunter2" not in text
         assert "refused" in text
+    finally:
+        await store.close()
+
+
+async def test_a_busy_pool_on_a_healthy_server_reaches_the_caller_and_moves_nothing() -> None:
+    store, _ = await started_store()
+    calls: list[Role] = []
+
+    async def op(endpoint: Endpoint) -> str:
+        calls.append(endpoint.role)
+        raise Busy("every connection is busy")
+
+    try:
+        with pytest.raises(Busy):
+            await store.run(op, idempotent=True)
+        assert calls == [Role.PRIMARY]
+        assert store.switch.state is SwitchState.ON_PRIMARY
+    finally:
+        await store.close()
+
+
+async def test_a_pool_held_by_a_hung_server_follows_the_switch() -> None:
+    store, backend = await started_store(operation_timeout=2.0, probe_timeout=0.2)
+    backend.hung[Role.PRIMARY] = True
+
+    async def op(endpoint: Endpoint) -> str:
+        if endpoint.role is Role.PRIMARY:
+            store.suspect(Role.PRIMARY, "stuck statement")  # what a stuck operation's clock does
+            raise Busy("every connection is held by stuck statements")
+        return "fallback"
+
+    try:
+        assert await store.run(op) == "fallback"
+        assert store.switch.state is SwitchState.ON_FALLBACK
     finally:
         await store.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -48,6 +49,10 @@ class ErrorKind(enum.Enum):
     """The connection broke after the operation was sent: it may have been applied."""
     APPLICATION = "application"
     """The server answered with an error about the operation itself: not our business."""
+    BUSY = "busy"
+    """Every pooled connection stayed busy; nothing was sent. Load is not a failure, so no
+    breaker trips and nothing moves, unless the endpoint turns out to be hung: then the
+    operation follows the switch to the other endpoint."""
 
 
 class Backend(abc.ABC, Generic[ClientT]):
@@ -172,7 +177,7 @@ class FailoverStore(Generic[ClientT]):
         self.counters = {"operations": 0, "retries": 0, "errors": 0}
         self._started = False
         self._closed = False
-        self._confirming: set[Role] = set()
+        self._confirming: dict[Role, asyncio.Task[Any]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._unsubscribe = self.bus.subscribe(self._on_event)
 
@@ -343,6 +348,16 @@ class FailoverStore(Generic[ClientT]):
                 if kind is ErrorKind.APPLICATION:
                     self.health[role].record_operation_success()
                     raise
+                if kind is ErrorKind.BUSY:
+                    # Busy because of load, or because a hung server holds every connection?
+                    # A confirmation probe may be deciding that right now: let it finish.
+                    await self._settle(role, deadline)
+                    if self.switch.active_role is role:
+                        raise  # still the place to be: plain load, the caller's to handle
+                    tried.append(role)
+                    failures.append(f"{endpoint.name}: {self.describe(endpoint, exc)}")
+                    self._note_retry(role, "every connection was busy and the store switched")
+                    continue
                 reason = self.describe(endpoint, exc)
                 self.record_failure(role, reason)
                 tried.append(role)
@@ -379,7 +394,7 @@ class FailoverStore(Generic[ClientT]):
             )
             return err
         kind = self.backend.classify(exc)
-        if kind is ErrorKind.APPLICATION:
+        if kind in (ErrorKind.APPLICATION, ErrorKind.BUSY):
             return exc
         reason = self.describe(endpoint, exc)
         self.record_failure(endpoint.role, reason)
@@ -407,17 +422,26 @@ class FailoverStore(Generic[ClientT]):
         """
         if role in self._confirming or self._closed or self.health[role].healthy is False:
             return
-        self._confirming.add(role)
-
         async def confirm() -> None:
             try:
                 result = await self.probe(role)
                 if not result.usable:
                     self.record_failure(role, f"slow {reason}, then a probe failed: {result.error}")
             finally:
-                self._confirming.discard(role)
+                self._confirming.pop(role, None)
 
-        self._spawn(confirm(), f"confirm {role}")
+        task = self._spawn(confirm(), f"confirm {role}")
+        if task is not None:
+            self._confirming[role] = task
+
+    async def _settle(self, role: Role, deadline: float) -> None:
+        """Wait (until *deadline*) for a confirmation probe of *role* that is under way."""
+        task = self._confirming.get(role)
+        if task is None:
+            return
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await asyncio.shield(task)
 
     @property
     def _suspect_after(self) -> float:
@@ -451,14 +475,15 @@ class FailoverStore(Generic[ClientT]):
             # Drop pooled connections to the endpoint we left, so no request keeps using it.
             self._spawn(self.backend.drain(self.endpoints[previous]), f"drain {previous}")
 
-    def _spawn(self, coro: Awaitable[Any], what: str) -> None:
+    def _spawn(self, coro: Awaitable[Any], what: str) -> asyncio.Task[Any] | None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return
+            return None
         task = loop.create_task(_logged(coro, f"{self.name}: {what}"))  # type: ignore[arg-type]
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # --- status ---------------------------------------------------------------------------
 

@@ -446,7 +446,7 @@ class MongoBackend(Backend[AsyncMongoClient[Any]]):
                 return ErrorKind.NOT_SENT
             return ErrorKind.OUTCOME_UNKNOWN
         if isinstance(exc, WaitQueueTimeoutError):
-            return ErrorKind.APPLICATION  # the pool is saturated by live traffic: not a failover
+            return ErrorKind.BUSY  # the pool is saturated: load, or a hung server holding it
         if isinstance(exc, InvalidOperation) and "after close" in str(exc):
             return ErrorKind.NOT_SENT  # raised when opening the topology, before any I/O
         if isinstance(exc, (ConnectionFailure, OSError)):

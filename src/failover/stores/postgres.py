@@ -155,7 +155,7 @@ class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
         if isinstance(exc, (_NotSent, psycopg_pool.PoolClosed)):
             return ErrorKind.NOT_SENT
         if isinstance(exc, psycopg_pool.PoolTimeout):
-            return ErrorKind.APPLICATION  # every connection busy: saturation, not a dead server
+            return ErrorKind.BUSY  # every connection busy: load, or a hung server holding them
         if isinstance(exc, psycopg.Error):
             sqlstate = exc.sqlstate
             if sqlstate == _READ_ONLY_SQLSTATE:

@@ -142,7 +142,8 @@ class CommandNotSent(RedisError):
 class PoolExhausted(RedisError):
     """Every connection of the endpoint's pool stayed busy for the whole attempt.
 
-    That is load, not a dead server: it reaches the caller and trips no breaker.
+    Load is not a dead server: it reaches the caller and trips no breaker, unless
+    the endpoint is found hung meanwhile (then the command follows the switch).
     """
 
 
@@ -250,6 +251,8 @@ class RedisBackend(Backend[BlockingConnectionPool]):
     # --- errors ---------------------------------------------------------------------------
 
     def classify(self, exc: BaseException) -> ErrorKind:
+        if isinstance(exc, PoolExhausted):
+            return ErrorKind.BUSY
         if isinstance(exc, (CommandNotSent, ReadOnlyError, BusyLoadingError)):
             # Nothing sent, or the server refused before applying anything.
             return ErrorKind.NOT_SENT

@@ -237,6 +237,18 @@ class _ClientEntry:
         self.retired = False
         self.idle = asyncio.Event()
         self.idle.set()
+        # Collection objects of this client, reused across calls (building them per
+        # call costs more than the routing itself).
+        self.collections: dict[tuple[str, str], AsyncCollection[Any]] = {}
+
+    def collection(self, database: str, name: str, options: dict[str, Any]) -> AsyncCollection[Any]:
+        if options:
+            return self.client.get_database(database).get_collection(name, **options)
+        key = (database, name)
+        found = self.collections.get(key)
+        if found is None:
+            found = self.collections[key] = self.client.get_database(database).get_collection(name)
+        return found
 
     def alive(self) -> bool:
         return self.sentinel is None or self.sentinel.alive()
@@ -351,15 +363,24 @@ class MongoBackend(Backend[AsyncMongoClient[Any]]):
     @asynccontextmanager
     async def lease(self, endpoint: Endpoint) -> AsyncIterator[AsyncMongoClient[Any]]:
         """The client of *endpoint* for one operation; it is not closed while leased."""
-        entry = await self._entry(endpoint)
-        entry.inflight += 1
-        entry.idle.clear()
+        entry = await self.take(endpoint)
         try:
             yield entry.client
         finally:
-            entry.inflight -= 1
-            if entry.inflight == 0:
-                entry.idle.set()
+            self.give_back(entry)
+
+    async def take(self, endpoint: Endpoint) -> _ClientEntry:
+        """Like :meth:`lease` without a context manager (the hot path); pair with :meth:`give_back`."""
+        entry = await self._entry(endpoint)
+        entry.inflight += 1
+        entry.idle.clear()
+        return entry
+
+    @staticmethod
+    def give_back(entry: _ClientEntry) -> None:
+        entry.inflight -= 1
+        if entry.inflight == 0:
+            entry.idle.set()
 
     def _retire(self, endpoint: Endpoint, entry: _ClientEntry) -> None:
         """Stop handing out *entry* and close it once its operations finished (bounded)."""
@@ -559,9 +580,6 @@ class RoutedCollection:
     def __getitem__(self, name: str) -> RoutedCollection:
         return RoutedCollection(self.database, f"{self.name}.{name}", self._options)
 
-    def _collection(self, client: AsyncMongoClient[Any], endpoint: Endpoint) -> AsyncCollection[Any]:
-        database = client.get_database(_database_name(endpoint, self.database.name))
-        return database.get_collection(self.name, **self._options)
 
     async def _run(
         self, call: Callable[[AsyncCollection[Any]], Awaitable[T]], *, idempotent: bool, label: str
@@ -570,8 +588,12 @@ class RoutedCollection:
         backend = self.database.mongo.backend
 
         async def attempt(endpoint: Endpoint) -> T:
-            async with backend.lease(endpoint) as client:
-                return await call(self._collection(client, endpoint))
+            entry = await backend.take(endpoint)
+            try:
+                collection = entry.collection(_database_name(endpoint, self.database.name), self.name, self._options)
+                return await call(collection)
+            finally:
+                backend.give_back(entry)
 
         return await store.run(attempt, idempotent=idempotent, label=f"{label} on {self.name}")
 

@@ -487,6 +487,12 @@ class FailoverStore(Generic[ClientT]):
 
     # --- status ---------------------------------------------------------------------------
 
+    @property
+    def active_endpoint(self) -> Endpoint | None:
+        """The endpoint serving traffic now, or None when the store is unavailable."""
+        role = self.switch.active_role
+        return self.endpoints[role] if role is not None else None
+
     def status(self) -> dict[str, Any]:
         """The seed-shaped status of this store, with details under extra keys."""
         active = self.switch.active_role

@@ -496,8 +496,8 @@ class RedisStore(AsyncCoreCommands):  # type: ignore[misc]
 
     @property
     def active_endpoint(self) -> Endpoint | None:
-        role = self.failover.switch.active_role
-        return self.failover.endpoints[role] if role is not None else None
+        """The endpoint serving traffic now (see :attr:`FailoverStore.active_endpoint`)."""
+        return self.failover.active_endpoint
 
     def status(self) -> dict[str, Any]:
         return self.failover.status()

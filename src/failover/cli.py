@@ -143,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    # SIGTERM (a CI timeout, `timeout 60 failover drill`) must run the same clean-up as Ctrl-C,
+    # or servers started by a command would outlive it.
+    _terminate_as_interrupt()
     try:
         result = args.func(args)
         if inspect.iscoroutine(result):
@@ -189,7 +192,7 @@ def _run_service(settings: Any, host: str, port: int, log_level: str, local: Any
     @asynccontextmanager
     async def banner(app: Any) -> AsyncIterator[None]:
         shown = "localhost" if host in ("0.0.0.0", "::") else host
-        protected = " (add ?token=<FAILOVER_HEALTH_TOKEN>)" if settings.health_token is not None else ""
+        protected = " (open it as /#token=<FAILOVER_HEALTH_TOKEN>)" if settings.health_token is not None else ""
         print(f"\n  Dashboard:  http://{shown}:{port}/{protected}", file=sys.stderr)
         print(f"  Health:     http://{shown}:{port}/api/v1/health/databases", file=sys.stderr)
         print(f"  Metrics:    http://{shown}:{port}/metrics", file=sys.stderr)

@@ -73,9 +73,10 @@ def stack_dir(server_root: Path, request: pytest.FixtureRequest) -> Iterator[Pat
     # Short: PostgreSQL's socket path (in this directory) must stay under 108 bytes.
     directory = server_root / f"cli{abs(hash(request.node.nodeid)) % 10**6}"
     yield directory
-    if (directory / "stack.json").exists():
-        for pid in stack_pids(directory):
-            os.kill(pid, signal.SIGKILL)
+    leftovers = stack_pids(directory) if (directory / "stack.json").exists() else []
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"processes left behind: {leftovers}"
 
 
 async def test_status_prints_the_status_after_a_probe_round(pg_pair: Pair, redis_pair: Pair, tmp_path: Path) -> None:
@@ -186,7 +187,7 @@ async def test_local_up_serve_runs_the_service_and_stops_everything(stack_dir: P
             assert state["local_mode"] is True
             assert set(state["status"]) == {"postgres", "mongodb", "redis", "overall_status"}
             assert (await client.get("/")).status_code == 200
-            killed = await client.post("/api/v1/local/redis/primary/kill")
+            killed = await client.post("/api/v1/local/redis/primary/kill", headers={"X-Failover-Action": "1"})
             assert killed.status_code == 200 and killed.json()["server"]["state"] == "stopped"
             for _ in range(200):
                 health = (await client.get("/api/v1/health/databases")).json()
@@ -194,7 +195,7 @@ async def test_local_up_serve_runs_the_service_and_stops_everything(stack_dir: P
                     break
                 await asyncio.sleep(0.05)
             assert health["redis"]["current_db"] == "Local Redis"
-            started = await client.post("/api/v1/local/redis/primary/start")
+            started = await client.post("/api/v1/local/redis/primary/start", headers={"X-Failover-Action": "1"})
             assert started.status_code == 200 and started.json()["server"]["state"] == "running"
         pids = stack_pids(stack_dir)
         assert len(pids) >= 6

@@ -141,7 +141,7 @@ async def test_dashboard_shows_the_stores_and_follows_a_killed_primary(server_ro
         settings = fast_settings(**stack.env(), FAILOVER_LOCAL_MODE=True, FAILOVER_HEALTH_TOKEN=TOKEN)
         app = create_app(settings, local=control)
         async with http_server(app) as url, chromium() as page:
-            await page.send("Page.navigate", url=f"{url}/?token={TOKEN}")
+            await page.send("Page.navigate", url=f"{url}/#token={TOKEN}")
             state = await wait_page(
                 page, lambda s: len(s["cards"]) == 3 and s["overall"] == "healthy", "three healthy stores"
             )

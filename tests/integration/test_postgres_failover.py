@@ -420,3 +420,4 @@ async def test_insert_returning_is_not_retried_but_select_is(pg_pair: tuple[Loca
         assert server_count(fallback, "id = 77") == 0
     finally:
         await dbs.close()
+

@@ -152,3 +152,12 @@ def test_percent_encoded_password_is_scrubbed_in_both_forms() -> None:
     endpoint = Endpoint("postgres", Role.PRIMARY, "Supabase", "postgresql://u:a%2Fb%23c@h/db")
     assert set(endpoint.secrets) == {"a%2Fb%23c", "a/b#c"}
     assert "a/b#c" not in redact_text("auth failed for a/b#c", endpoint.secrets)
+
+
+def test_metric_causes_are_not_mistaken_for_pins() -> None:
+    from failover.service.metrics import reason_cause
+
+    assert reason_cause("Shopping DB is down: breaker tripped: refused") == "breaker"
+    assert reason_cause("slow ping, then a probe failed: TimeoutError") != "pinned"
+    assert reason_cause("pinned by operator") == "pinned"
+    assert reason_cause("pin released: Supabase is healthy") == "pinned"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import fcntl
 import os
 import pwd
 import shutil
@@ -119,6 +120,8 @@ class LocalServer(abc.ABC):
         """Start the server (on the same data as before) and wait until it serves."""
         if self.running:
             return self
+        if _port_open(self.port):
+            raise ServerError(f"{self.name}: something else already listens on 127.0.0.1:{self.port}")
         self._prepare()
         log = open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab")
         try:
@@ -137,7 +140,7 @@ class LocalServer(abc.ABC):
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(f"{self.name} exited with code {self.process.returncode}; see {log.name}")
-            if self._ready():
+            if self._ready() and self.process.poll() is None:
                 return self
             time.sleep(0.02)
         self.kill()
@@ -239,22 +242,35 @@ class LocalPostgres(LocalServer):
 
     @classmethod
     def _template_dir(cls) -> Path:
-        """An initdb'd cluster made once per process and copied for each server (0.04 s vs 0.5 s)."""
-        if cls._template is not None and (cls._template / "PG_VERSION").exists():
-            return cls._template
+        """An initdb'd cluster made once per machine and copied for each server (0.04 s vs 0.5 s).
+
+        It lives at one stable path per PostgreSQL version (made under a lock, then
+        renamed into place), so processes share it instead of leaving one behind each.
+        """
+        if LocalPostgres._template is not None and (LocalPostgres._template / "PG_VERSION").exists():
+            return LocalPostgres._template
         user = cls._user()
-        root = Path(tempfile.mkdtemp(prefix="failover-pg-template-"))
-        os.chown(root, user.pw_uid, user.pw_gid)
+        initdb = cls._bin("initdb")
+        version = Path(initdb).parent.parent.name if "/postgresql/" in initdb else "pg"
+        root = Path(tempfile.gettempdir()) / f"failover-pg-template-{version}-{os.getuid()}"
         target = root / "data"
-        result = subprocess.run(
-            [cls._bin("initdb"), "-D", str(target), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
-            user="postgres",
-            capture_output=True,
-            cwd=root,
-        )
-        if result.returncode != 0:
-            raise ServerError(f"initdb failed: {result.stderr.decode(errors='replace')[-500:]}")
-        cls._template = target
+        root.mkdir(mode=0o755, exist_ok=True)
+        os.chown(root, user.pw_uid, user.pw_gid)
+        with open(root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "PG_VERSION").exists():
+                building = root / f"building-{os.getpid()}"
+                shutil.rmtree(building, ignore_errors=True)
+                result = subprocess.run(
+                    [initdb, "-D", str(building), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+                    user="postgres",
+                    capture_output=True,
+                    cwd=root,
+                )
+                if result.returncode != 0:
+                    raise ServerError(f"initdb failed: {result.stderr.decode(errors='replace')[-500:]}")
+                os.rename(building, target)
+        LocalPostgres._template = target
         return target
 
     def _prepare(self) -> None:

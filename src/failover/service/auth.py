@@ -16,7 +16,7 @@ from fastapi import HTTPException, Request, status
 
 from ..settings import Settings
 
-__all__ = ["check_token", "require_token", "require_token_or_query"]
+__all__ = ["check_token", "require_token"]
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="failover"'}
 
@@ -58,12 +58,5 @@ def _deny(presented: str | None) -> HTTPException:
 def require_token(request: Request) -> None:
     """FastAPI dependency: 401 unless the request carries the configured bearer token."""
     presented = _bearer(request)
-    if not check_token(_settings_of(request), presented):
-        raise _deny(presented)
-
-
-def require_token_or_query(request: Request) -> None:
-    """Like :func:`require_token`, also accepting ``?token=`` (for opening the dashboard page in a browser)."""
-    presented = _bearer(request) or request.query_params.get("token") or None
     if not check_token(_settings_of(request), presented):
         raise _deny(presented)

@@ -11,10 +11,11 @@ In local mode (``FAILOVER_LOCAL_MODE``, set by ``failover local up --serve``)
 (SIGSTOP) or starts the embedded servers, for demos. Outside local mode those
 routes answer 404 and the page shows no buttons.
 
-The page and every API route need the health token when one is set; the page
-also accepts ``?token=`` (a browser cannot send a header when opening a link)
-and its script then sends the header itself. Static assets carry no data and
-stay open, so the page never has to embed the token.
+Every API route needs the health token when one is set. The page and its static
+assets carry no data and stay open; the page is opened as ``/#token=...`` and its
+script sends the token as a header (a URL fragment never reaches a server or a
+log). Local actions also need the ``X-Failover-Action: 1`` header, which a
+foreign web page cannot add without a CORS preflight.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
 from ..core.events import ProbeCompleted
-from .auth import require_token, require_token_or_query
+from .auth import require_token
 from .deps import get_databases
 from .local_control import ACTIONS, LocalControl
 
@@ -50,7 +51,10 @@ def get_local_control(request: Request) -> LocalControl | None:
     return control  # type: ignore[no-any-return]
 
 
-@dashboard_router.get("/", include_in_schema=False, dependencies=[Depends(require_token_or_query)])
+# The page is static code with no data in it: it needs no token. Its script reads a token
+# from the URL *fragment* (``/#token=...``), which browsers never send to a server, so the
+# token cannot land in access logs or proxies.
+@dashboard_router.get("/", include_in_schema=False)
 async def dashboard_page() -> FileResponse:
     """The dashboard page."""
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=_NO_STORE)
@@ -72,9 +76,16 @@ async def dashboard_state(request: Request) -> JSONResponse:
     return JSONResponse(body, headers=_NO_STORE)
 
 
+ACTION_HEADER = "X-Failover-Action"
+"""Header the dashboard sends with its buttons. Another site cannot add it to a cross-origin
+request without a CORS preflight, which this app never grants: no drive-by SIGKILL."""
+
+
 @dashboard_router.post("/api/v1/local/{store}/{role}/{action}", dependencies=[Depends(require_token)])
 def local_action(request: Request, store: str, role: str, action: str) -> JSONResponse:
     """Kill (SIGKILL), stop (SIGSTOP) or start one embedded server. Local mode only."""
+    if request.headers.get(ACTION_HEADER) != "1":
+        raise HTTPException(403, detail=f"local actions need the {ACTION_HEADER}: 1 header (sent by the dashboard)")
     control = get_local_control(request)
     if control is None:
         raise HTTPException(404, detail="local mode is off: start the service with `failover local up --serve`")

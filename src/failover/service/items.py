@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, Field
@@ -34,6 +34,7 @@ from .._urls import redact_text
 from ..core.endpoint import Endpoint, Role
 from ..core.events import EndpointHealthChanged, Event
 from ..databases import Databases
+from .auth import require_token
 from .deps import get_databases
 
 __all__ = ["items_router", "ItemIn", "ensure_schema", "schema_extension", "DEFAULT_ITEM_TTL"]
@@ -53,7 +54,8 @@ create table if not exists items (
 """
 INDEX_SQL = "create index if not exists items_created_at_idx on items (created_at)"
 
-items_router = APIRouter(prefix="/api/v1/items", tags=["items"])
+# The answers name endpoints and carry driver errors: the same token as the health details.
+items_router = APIRouter(prefix="/api/v1/items", tags=["items"], dependencies=[Depends(require_token)])
 
 
 class ItemIn(BaseModel):

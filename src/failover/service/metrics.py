@@ -45,7 +45,8 @@ DEFAULT_PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 
 # (substring of the lower-cased reason, cause label); first match wins.
 _CAUSES: tuple[tuple[str, str], ...] = (
-    ("pin", "pinned"),
+    ("pinned", "pinned"),
+    ("pin released", "pinned"),
     ("reconcil", "reconcile"),
     ("breaker", "breaker"),
     ("timed out", "timeout"),

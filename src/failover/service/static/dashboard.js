@@ -8,14 +8,13 @@
   var TOKEN_KEY = "failover-token";
   var busy = {};
 
-  // A token given as ?token= is kept for this tab and removed from the address bar.
-  var params = new URLSearchParams(window.location.search);
-  if (params.has("token")) {
-    try { window.sessionStorage.setItem(TOKEN_KEY, params.get("token")); } catch (e) { /* storage disabled */ }
-    window.__failoverToken = params.get("token");
-    params.delete("token");
-    var rest = params.toString();
-    window.history.replaceState(null, "", window.location.pathname + (rest ? "?" + rest : "") + window.location.hash);
+  // A token given as /#token=... (a fragment never reaches the server or its logs) is kept
+  // for this tab and removed from the address bar.
+  var fragment = new URLSearchParams(window.location.hash.replace(/^#/, ""));
+  if (fragment.has("token")) {
+    try { window.sessionStorage.setItem(TOKEN_KEY, fragment.get("token")); } catch (e) { /* storage disabled */ }
+    window.__failoverToken = fragment.get("token");
+    window.history.replaceState(null, "", window.location.pathname + window.location.search);
   }
 
   function token() {
@@ -158,7 +157,9 @@
   function act(store, role, action) {
     var key = store + "/" + role + "/" + action;
     busy[key] = true;
-    fetch("/api/v1/local/" + store + "/" + role + "/" + action, { method: "POST", headers: headers() })
+    var h = headers();
+    h["X-Failover-Action"] = "1";
+    fetch("/api/v1/local/" + store + "/" + role + "/" + action, { method: "POST", headers: h })
       .then(function (r) { if (!r.ok) { showError(action + " " + store + " " + role + " failed: HTTP " + r.status); } })
       .catch(function (err) { showError(action + " failed: " + err); })
       .then(function () { delete busy[key]; poll(true); });
@@ -168,7 +169,7 @@
   function poll(once) {
     fetch("/api/v1/dashboard/state", { headers: headers(), cache: "no-store" })
       .then(function (r) {
-        if (r.status === 401) { throw new Error("a token is required: open this page as /?token=…"); }
+        if (r.status === 401) { throw new Error("a token is required: open this page as /#token=…"); }
         if (!r.ok) { throw new Error("HTTP " + r.status); }
         return r.json();
       })

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from .._urls import redact_text
 from ..core.endpoint import Endpoint, Role
-from ..core.events import EndpointHealthChanged, Event
+from ..core.events import Event, ProbeCompleted
 from ..databases import Databases
 from .auth import require_token
 from .deps import get_databases
@@ -124,16 +124,41 @@ async def ensure_schema(endpoint: Endpoint, timeout: float = 5.0) -> bool:
 
 @contextlib.asynccontextmanager
 async def schema_extension(dbs: Databases) -> AsyncIterator[None]:
-    """Create the schema on every endpoint now, and on each endpoint that becomes healthy later."""
+    """Create the schema on every endpoint now, and on each endpoint that answers a probe later.
+
+    Any successful probe of an endpoint without its schema starts (at most one)
+    attempt, so an endpoint that came up during start-up, or whose first attempt
+    failed, is caught up at the next probe.
+    """
     done: set[tuple[str, Role]] = set()
+    running: set[tuple[str, Role]] = set()
     tasks: set[asyncio.Task[None]] = set()
     timeout = max(dbs.settings.connect_timeout, dbs.settings.probe_timeout) * 2
 
     async def one(endpoint: Endpoint) -> None:
-        if await ensure_schema(endpoint, timeout):
-            done.add((endpoint.store, endpoint.role))
+        key = (endpoint.store, endpoint.role)
+        if key in done or key in running:
+            return
+        running.add(key)
+        try:
+            if await ensure_schema(endpoint, timeout):
+                done.add(key)
+        finally:
+            running.discard(key)
 
-    # Endpoints that are down now get their schema when they become healthy (below),
+    def on_event(event: Event) -> None:
+        if not isinstance(event, ProbeCompleted) or not event.usable or event.store not in _SCHEMA:
+            return
+        if (event.store, event.role) in done or (event.store, event.role) in running:
+            return
+        endpoint = dbs.store(event.store).endpoints[event.role]
+        task = asyncio.get_running_loop().create_task(one(endpoint))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    # Subscribe first: an endpoint that turns healthy while the first pass runs is not missed.
+    unsubscribe = dbs.subscribe(on_event)
+    # Endpoints that are down now get their schema when a probe finds them up (above),
     # so a blackholed primary does not hold up startup for a connect timeout.
     endpoints = [
         store.endpoints[role]
@@ -141,20 +166,8 @@ async def schema_extension(dbs: Databases) -> AsyncIterator[None]:
         for role, health in store.health.items()
         if store.name in _SCHEMA and health.healthy
     ]
-    await asyncio.gather(*(one(ep) for ep in endpoints))
-
-    def on_event(event: Event) -> None:
-        if not isinstance(event, EndpointHealthChanged) or not event.healthy:
-            return
-        if (event.store, event.role) in done or event.store not in _SCHEMA:
-            return
-        endpoint = dbs.store(event.store).endpoints[event.role]
-        task = asyncio.get_running_loop().create_task(one(endpoint))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    unsubscribe = dbs.subscribe(on_event)
     try:
+        await asyncio.gather(*(one(ep) for ep in endpoints))
         yield
     finally:
         unsubscribe()

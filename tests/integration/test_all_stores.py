@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from failover import Databases, SwitchState
-from failover.local import LocalServer
 
 from ..helpers import fast_settings, wait_for
 

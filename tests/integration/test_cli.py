@@ -20,7 +20,6 @@ from failover.cli import main
 from failover.local import LocalServer, free_port
 from failover.local.servers import _alive, _descendants
 from failover.service import create_app
-from tests.helpers import wait_for
 from tests.integration.test_service import http_server, stack_settings
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,6 @@ from failover import (
     Databases,
     FailbackCompleted,
     FailoverError,
-    FailoverStarted,
     NoEndpointAvailable,
     OperationTimeout,
     OutcomeUnknown,
@@ -23,7 +22,8 @@ from failover import (
 from failover.core.events import EndpointHealthChanged, Event
 from failover.local import LocalServer
 
-from ..helpers import Traffic, fast_settings, wait_for
+from ..helpers import fast_settings, wait_for
+from . import scenarios
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +57,10 @@ async def databases(primary: LocalServer | None, fallback: LocalServer | None, *
     dbs = Databases(fast_settings(**urls, **overrides))
     await dbs.start()
     return dbs
+
+
+def subject(dbs: Databases, pair: tuple[LocalServer, LocalServer]) -> scenarios.Subject:
+    return scenarios.Subject(dbs, "postgres", pair[0], pair[1], write_and_read(dbs))
 
 
 def write_and_read(dbs: Databases) -> Any:
@@ -97,51 +101,19 @@ async def test_sigkill_primary_under_traffic_moves_within_a_second_without_error
     primary, fallback = pg_pair
     prepare(primary, fallback)
     dbs = await databases(primary, fallback)
-    events: list[Event] = []
-    dbs.subscribe(events.append)
-    traffic = Traffic(write_and_read(dbs), workers=4).start()
     try:
-        await wait_for(lambda: len(traffic.outcomes) > 20, 5, "traffic on the primary")
-        await asyncio.to_thread(primary.kill)
-        killed = time.monotonic()
-        took = await wait_for(lambda: state(dbs) is SwitchState.ON_FALLBACK, 1.0, "failover within 1 s")
-        await wait_for(lambda: len(traffic.successes_after(killed)) > 20, 5, "traffic on the fallback")
+        await scenarios.crash_moves_within_a_second(subject(dbs, pg_pair))
     finally:
-        await traffic.stop()
         await dbs.close()
-    assert took < 1.0
-    assert traffic.errors_started_after(killed) == []
-    served = {o.value for o in traffic.successes_after(killed + took)}
-    assert served == {"fallback"}
     assert server_count(fallback) > 0
-    assert any(isinstance(e, FailoverStarted) for e in events)
-
 
 async def test_sigstop_primary_fails_over_within_the_timeouts(pg_pair: tuple[LocalServer, LocalServer]) -> None:
-    primary, fallback = pg_pair
-    prepare(primary, fallback)
-    dbs = await databases(primary, fallback)
-    settings = dbs.settings
-    traffic = Traffic(write_and_read(dbs), workers=2).start()
+    prepare(*pg_pair)
+    dbs = await databases(*pg_pair)
     try:
-        await wait_for(lambda: len(traffic.outcomes) > 10, 5, "traffic on the primary")
-        primary.pause()
-        paused = time.monotonic()
-        bound = settings.operation_timeout + settings.probe_timeout + settings.health_check_interval
-        await wait_for(lambda: state(dbs) is SwitchState.ON_FALLBACK, bound + 1, "failover from a hung primary")
-        switched = time.monotonic()
-        await wait_for(lambda: len(traffic.successes_after(switched)) > 10, 5, "traffic on the fallback")
+        await scenarios.hang_fails_over_within_the_timeouts(subject(dbs, pg_pair))
     finally:
-        await traffic.stop()
         await dbs.close()
-        primary.resume()
-    # Operations in flight on the hung server may fail (their outcome is unknown);
-    # they fail in bounded time, and nothing started after the switch fails.
-    assert all(o.finished - o.started < settings.operation_timeout + 1 for o in traffic.outcomes)
-    assert all(isinstance(o.error, OutcomeUnknown) for o in traffic.outcomes if not o.ok)
-    assert traffic.errors_started_after(switched) == []
-    assert switched - paused <= bound + 1
-
 
 async def test_failback_waits_for_the_failback_delay(pg_pair: tuple[LocalServer, LocalServer]) -> None:
     primary, fallback = pg_pair
@@ -175,29 +147,12 @@ async def test_failback_waits_for_the_failback_delay(pg_pair: tuple[LocalServer,
 async def test_flapping_primary_causes_a_bounded_number_of_switches(
     pg_pair: tuple[LocalServer, LocalServer],
 ) -> None:
-    primary, fallback = pg_pair
-    prepare(primary, fallback)
-    dbs = await databases(primary, fallback, FAILOVER_FAILBACK_DELAY=2.0)
-    traffic = Traffic(write_and_read(dbs), workers=2).start()
-    kills: list[float] = []
+    prepare(*pg_pair)
+    dbs = await databases(*pg_pair, FAILOVER_FAILBACK_DELAY=2.0)
     try:
-        ends = time.monotonic() + 10  # down/up once a second for 10 s
-        while time.monotonic() < ends:
-            await asyncio.to_thread(primary.kill)
-            kills.append(time.monotonic())
-            await asyncio.sleep(0.5)  # the fault schedule, not a wait for a condition
-            await asyncio.to_thread(primary.start)
-            await asyncio.sleep(0.5)
+        await scenarios.flapping_switches_a_bounded_number_of_times(subject(dbs, pg_pair))
     finally:
-        await traffic.stop()
-        switches = dbs.store("postgres").switch.switches
         await dbs.close()
-    assert 1 <= switches <= 4
-    # Traffic moved to the fallback at the first crash and stayed there: the later
-    # crashes of the primary cost callers nothing.
-    assert len(traffic.successes_after(kills[0])) > 50
-    assert traffic.errors_started_after(kills[0]) == []
-
 
 async def test_both_down_raises_a_typed_error_without_hanging(pg_pair: tuple[LocalServer, LocalServer]) -> None:
     primary, fallback = pg_pair
@@ -221,42 +176,26 @@ async def test_both_down_raises_a_typed_error_without_hanging(pg_pair: tuple[Loc
 
 
 async def test_both_hung_raises_within_the_operation_timeout(pg_pair: tuple[LocalServer, LocalServer]) -> None:
-    primary, fallback = pg_pair
-    prepare(primary, fallback)
-    dbs = await databases(primary, fallback)
+    prepare(*pg_pair)
+    dbs = await databases(*pg_pair)
     try:
-        primary.pause()
-        fallback.pause()
-        started = time.monotonic()
-        with pytest.raises(FailoverError):
-            await asyncio.wait_for(dbs.postgres.fetch("select 1"), timeout=10)
-        assert time.monotonic() - started <= dbs.settings.operation_timeout + 0.5
+        await scenarios.both_hung_raise_within_the_operation_timeout(
+            subject(dbs, pg_pair),
+            lambda: dbs.postgres.fetch("select 1"),
+            lambda: dbs.postgres.execute("insert into items values (8, 'hung')"),
+        )
     finally:
-        primary.resume()
-        fallback.resume()
         await dbs.close()
-
 
 async def test_fallback_down_while_on_primary_is_reported_and_harmless(
     pg_pair: tuple[LocalServer, LocalServer],
 ) -> None:
-    primary, fallback = pg_pair
-    prepare(primary, fallback)
-    dbs = await databases(primary, fallback)
-    traffic = Traffic(write_and_read(dbs), workers=2).start()
+    prepare(*pg_pair)
+    dbs = await databases(*pg_pair)
     try:
-        await asyncio.to_thread(fallback.kill)
-        killed = time.monotonic()
-        await wait_for(lambda: dbs.status()["postgres"]["fallback_available"] is False, 3, "fallback reported down")
-        await wait_for(lambda: len(traffic.successes_after(killed)) > 10, 5, "traffic")
-        status = dbs.status()
+        await scenarios.fallback_down_is_reported_and_harmless(subject(dbs, pg_pair))
     finally:
-        await traffic.stop()
         await dbs.close()
-    assert status["postgres"]["using_primary"] is True
-    assert status["overall_status"] == "healthy"
-    assert [o for o in traffic.outcomes if not o.ok] == []
-
 
 async def test_connection_lost_mid_transaction_is_not_replayed(pg_pair: tuple[LocalServer, LocalServer]) -> None:
     primary, fallback = pg_pair

@@ -17,7 +17,6 @@ from failover import (
     Databases,
     FailbackCompleted,
     FailoverError,
-    FailoverStarted,
     NoEndpointAvailable,
     OutcomeUnknown,
     Role,
@@ -26,7 +25,8 @@ from failover import (
 from failover.core.events import EndpointHealthChanged, Event
 from failover.local import LocalServer
 
-from ..helpers import Traffic, fast_settings, wait_for
+from ..helpers import fast_settings, wait_for
+from . import scenarios
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +54,10 @@ async def databases(primary: LocalServer | str | None, fallback: LocalServer | s
     dbs = Databases(fast_settings(**urls, **overrides))
     await dbs.start()
     return dbs
+
+
+def subject(dbs: Databases, pair: tuple[LocalServer, LocalServer]) -> scenarios.Subject:
+    return scenarios.Subject(dbs, "redis", pair[0], pair[1], reads_and_writes(dbs))
 
 
 def reads_and_writes(dbs: Databases) -> Callable[[int], Any]:
@@ -108,51 +112,19 @@ async def test_healthy_start_serves_from_primary(redis_pair: tuple[LocalServer, 
 async def test_sigkill_primary_under_traffic_moves_within_a_second_without_errors(
     redis_pair: tuple[LocalServer, LocalServer],
 ) -> None:
-    primary, fallback = redis_pair
-    dbs = await databases(primary, fallback)
-    events: list[Event] = []
-    dbs.subscribe(events.append)
-    traffic = Traffic(reads_and_writes(dbs), workers=4).start()
+    dbs = await databases(*redis_pair)
     try:
-        await wait_for(lambda: len(traffic.outcomes) > 30, 5, "traffic on the primary")
-        await asyncio.to_thread(primary.kill)
-        killed = time.monotonic()
-        took = await wait_for(lambda: state(dbs) is SwitchState.ON_FALLBACK, 1.0, "failover within 1 s")
-        await wait_for(lambda: len(traffic.successes_after(killed)) > 30, 5, "traffic on the fallback")
+        await scenarios.crash_moves_within_a_second(subject(dbs, redis_pair))
     finally:
-        await traffic.stop()
         await dbs.close()
-    assert took < 1.0
-    assert traffic.errors_started_after(killed) == []
-    assert {o.value for o in traffic.successes_after(killed + took)} == {"fallback"}
-    assert int(await raw(fallback, "GET", "counter")) > 0
-    assert any(isinstance(e, FailoverStarted) for e in events)
-
+    assert int(await raw(redis_pair[1], "GET", "counter")) > 0
 
 async def test_sigstop_primary_fails_over_within_the_timeouts(redis_pair: tuple[LocalServer, LocalServer]) -> None:
-    primary, fallback = redis_pair
-    dbs = await databases(primary, fallback)
-    settings = dbs.settings
-    traffic = Traffic(reads_and_writes(dbs), workers=2).start()
+    dbs = await databases(*redis_pair)
     try:
-        await wait_for(lambda: len(traffic.outcomes) > 10, 5, "traffic on the primary")
-        primary.pause()
-        paused = time.monotonic()
-        bound = settings.operation_timeout + settings.probe_timeout + settings.health_check_interval
-        await wait_for(lambda: state(dbs) is SwitchState.ON_FALLBACK, bound + 1, "failover from a hung primary")
-        switched = time.monotonic()
-        await wait_for(lambda: len(traffic.successes_after(switched)) > 10, 5, "traffic on the fallback")
+        await scenarios.hang_fails_over_within_the_timeouts(subject(dbs, redis_pair))
     finally:
-        await traffic.stop()
         await dbs.close()
-        primary.resume()
-    # In-flight commands on the hung server may fail, typed and in bounded time;
-    # nothing started after the switch fails.
-    assert all(o.finished - o.started < settings.operation_timeout + 1 for o in traffic.outcomes)
-    assert all(isinstance(o.error, OutcomeUnknown) for o in traffic.outcomes if not o.ok)
-    assert traffic.errors_started_after(switched) == []
-    assert switched - paused <= bound + 1
-
 
 async def test_failback_waits_for_the_failback_delay(redis_pair: tuple[LocalServer, LocalServer]) -> None:
     primary, fallback = redis_pair
@@ -187,32 +159,11 @@ async def test_failback_waits_for_the_failback_delay(redis_pair: tuple[LocalServ
 async def test_flapping_primary_causes_a_bounded_number_of_switches(
     redis_pair: tuple[LocalServer, LocalServer],
 ) -> None:
-    primary, fallback = redis_pair
-    dbs = await databases(primary, fallback, FAILOVER_FAILBACK_DELAY=2.0)
-    traffic = Traffic(reads_and_writes(dbs), workers=2).start()
-    first_kill = time.monotonic()
-    kills: list[tuple[float, float]] = []
+    dbs = await databases(*redis_pair, FAILOVER_FAILBACK_DELAY=2.0)
     try:
-        ends = time.monotonic() + 8
-        while time.monotonic() < ends:
-            started = time.monotonic()
-            await asyncio.to_thread(primary.kill)
-            kills.append((started, time.monotonic()))
-            await asyncio.sleep(0.5)  # the fault schedule, not a wait for a condition
-            await asyncio.to_thread(primary.start)
-            await asyncio.sleep(0.5)
+        await scenarios.flapping_switches_a_bounded_number_of_times(subject(dbs, redis_pair))
     finally:
-        await traffic.stop()
-        switches = dbs.store("redis").switch.switches
         await dbs.close()
-    assert 1 <= switches <= 4
-    assert len(traffic.successes_after(first_kill)) > 50
-    # With the fallback up all along, the only errors are commands on the wire when
-    # a crash hit them: typed, and overlapping a kill.
-    for failed in traffic.errors_started_after(first_kill):
-        assert isinstance(failed.error, OutcomeUnknown)
-        assert any(failed.started <= end and failed.finished >= begin for begin, end in kills), failed
-
 
 async def test_both_down_raises_a_typed_error_without_hanging(redis_pair: tuple[LocalServer, LocalServer]) -> None:
     primary, fallback = redis_pair
@@ -233,41 +184,22 @@ async def test_both_down_raises_a_typed_error_without_hanging(redis_pair: tuple[
 
 
 async def test_both_hung_raises_within_the_operation_timeout(redis_pair: tuple[LocalServer, LocalServer]) -> None:
-    primary, fallback = redis_pair
-    dbs = await databases(primary, fallback)
+    dbs = await databases(*redis_pair)
     try:
-        primary.pause()
-        fallback.pause()
-        for command in (dbs.redis.get("k"), dbs.redis.incr("n")):
-            started = time.monotonic()
-            with pytest.raises(FailoverError):
-                await asyncio.wait_for(command, timeout=10)
-            assert time.monotonic() - started <= dbs.settings.operation_timeout + 0.5
+        await scenarios.both_hung_raise_within_the_operation_timeout(
+            subject(dbs, redis_pair), lambda: dbs.redis.get("k"), lambda: dbs.redis.incr("n")
+        )
     finally:
-        primary.resume()
-        fallback.resume()
         await dbs.close()
-
 
 async def test_fallback_down_while_on_primary_is_reported_and_harmless(
     redis_pair: tuple[LocalServer, LocalServer],
 ) -> None:
-    primary, fallback = redis_pair
-    dbs = await databases(primary, fallback)
-    traffic = Traffic(reads_and_writes(dbs), workers=2).start()
+    dbs = await databases(*redis_pair)
     try:
-        await asyncio.to_thread(fallback.kill)
-        killed = time.monotonic()
-        await wait_for(lambda: dbs.status()["redis"]["fallback_available"] is False, 3, "fallback reported down")
-        await wait_for(lambda: len(traffic.successes_after(killed)) > 10, 5, "traffic")
-        status = dbs.status()
+        await scenarios.fallback_down_is_reported_and_harmless(subject(dbs, redis_pair))
     finally:
-        await traffic.stop()
         await dbs.close()
-    assert status["redis"]["using_primary"] is True
-    assert status["overall_status"] == "healthy"
-    assert [o for o in traffic.outcomes if not o.ok] == []
-
 
 async def test_incr_lost_after_sending_raises_outcome_unknown_and_is_not_resent(
     redis_pair: tuple[LocalServer, LocalServer],

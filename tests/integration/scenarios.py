@@ -13,7 +13,16 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from failover import Databases, FailoverError, FailoverStarted, OutcomeUnknown, SwitchState
+from failover import (
+    Databases,
+    EndpointHealthChanged,
+    FailbackCompleted,
+    FailoverError,
+    FailoverStarted,
+    OutcomeUnknown,
+    Role,
+    SwitchState,
+)
 from failover.core.events import Event
 from failover.local import LocalServer
 
@@ -52,6 +61,38 @@ async def crash_moves_within_a_second(s: Subject, workers: int = 4) -> Traffic:
     assert {o.value for o in traffic.successes_after(killed + took)} == {"fallback"}
     assert any(isinstance(e, FailoverStarted) for e in events)
     return traffic
+
+
+async def failback_waits_for_the_delay(
+    s: Subject, during_outage: Callable[[], Awaitable[object]], after_failback: Callable[[], Awaitable[object]]
+) -> None:
+    """Kill the primary, let live traffic (*during_outage*) notice, restart it: traffic stays on the
+    fallback until the primary has been healthy for FAILOVER_FAILBACK_DELAY, then returns;
+    *after_failback* checks the primary serves again."""
+    delay = s.dbs.settings.failback_delay
+    healthy_at: list[float] = []
+    failback_at: list[float] = []
+
+    def listen(event: Event) -> None:
+        if isinstance(event, EndpointHealthChanged) and event.role is Role.PRIMARY and event.healthy:
+            healthy_at.append(time.monotonic())
+        if isinstance(event, FailbackCompleted):
+            failback_at.append(time.monotonic())
+
+    unsubscribe = s.dbs.subscribe(listen)
+    try:
+        await asyncio.to_thread(s.primary.kill)
+        await during_outage()
+        assert s.state is SwitchState.ON_FALLBACK
+        await asyncio.to_thread(s.primary.start)
+        await wait_for(lambda: bool(healthy_at), 5, "primary healthy again")
+        assert s.state is SwitchState.ON_FALLBACK  # healthy is not enough
+        await wait_for(lambda: s.state is SwitchState.ON_PRIMARY, delay + 5, "failback")
+        await after_failback()
+        assert s.dbs.status()[s.store]["using_primary"] is True
+    finally:
+        unsubscribe()
+    assert failback_at[0] - healthy_at[0] >= delay
 
 
 async def hang_fails_over_within_the_timeouts(s: Subject) -> None:

@@ -15,14 +15,11 @@ from redis.backoff import NoBackoff
 
 from failover import (
     Databases,
-    FailbackCompleted,
     FailoverError,
     NoEndpointAvailable,
     OutcomeUnknown,
-    Role,
     SwitchState,
 )
-from failover.core.events import EndpointHealthChanged, Event
 from failover.local import LocalServer
 
 from ..helpers import fast_settings, wait_for
@@ -119,6 +116,7 @@ async def test_sigkill_primary_under_traffic_moves_within_a_second_without_error
         await dbs.close()
     assert int(await raw(redis_pair[1], "GET", "counter")) > 0
 
+
 async def test_sigstop_primary_fails_over_within_the_timeouts(redis_pair: tuple[LocalServer, LocalServer]) -> None:
     dbs = await databases(*redis_pair)
     try:
@@ -126,34 +124,23 @@ async def test_sigstop_primary_fails_over_within_the_timeouts(redis_pair: tuple[
     finally:
         await dbs.close()
 
+
 async def test_failback_waits_for_the_failback_delay(redis_pair: tuple[LocalServer, LocalServer]) -> None:
     primary, fallback = redis_pair
     dbs = await databases(primary, fallback, FAILOVER_FAILBACK_DELAY=1.5)
-    healthy_at: list[float] = []
-    failback_at: list[float] = []
 
-    def listen(event: Event) -> None:
-        if isinstance(event, EndpointHealthChanged) and event.role is Role.PRIMARY and event.healthy:
-            healthy_at.append(time.monotonic())
-        if isinstance(event, FailbackCompleted):
-            failback_at.append(time.monotonic())
-
-    dbs.subscribe(listen)
-    try:
-        await asyncio.to_thread(primary.kill)
+    async def during_outage() -> None:
         assert await dbs.redis.set("during", "outage") is True  # live traffic notices the crash
-        assert state(dbs) is SwitchState.ON_FALLBACK
         assert await raw(fallback, "GET", "during") == "outage"
-        await asyncio.to_thread(primary.start)
-        await wait_for(lambda: bool(healthy_at), 5, "primary healthy again")
-        assert state(dbs) is SwitchState.ON_FALLBACK  # healthy is not enough
-        await wait_for(lambda: state(dbs) is SwitchState.ON_PRIMARY, 5, "failback")
+
+    async def after_failback() -> None:
         assert await dbs.redis.set("after", "failback") is True
         assert await raw(primary, "GET", "after") == "failback"
-        assert dbs.status()["redis"]["using_primary"] is True
+
+    try:
+        await scenarios.failback_waits_for_the_delay(subject(dbs, redis_pair), during_outage, after_failback)
     finally:
         await dbs.close()
-    assert failback_at[0] - healthy_at[0] >= 1.5
 
 
 async def test_flapping_primary_causes_a_bounded_number_of_switches(
@@ -164,6 +151,7 @@ async def test_flapping_primary_causes_a_bounded_number_of_switches(
         await scenarios.flapping_switches_a_bounded_number_of_times(subject(dbs, redis_pair))
     finally:
         await dbs.close()
+
 
 async def test_both_down_raises_a_typed_error_without_hanging(redis_pair: tuple[LocalServer, LocalServer]) -> None:
     primary, fallback = redis_pair
@@ -192,6 +180,7 @@ async def test_both_hung_raises_within_the_operation_timeout(redis_pair: tuple[L
     finally:
         await dbs.close()
 
+
 async def test_fallback_down_while_on_primary_is_reported_and_harmless(
     redis_pair: tuple[LocalServer, LocalServer],
 ) -> None:
@@ -200,6 +189,7 @@ async def test_fallback_down_while_on_primary_is_reported_and_harmless(
         await scenarios.fallback_down_is_reported_and_harmless(subject(dbs, redis_pair))
     finally:
         await dbs.close()
+
 
 async def test_incr_lost_after_sending_raises_outcome_unknown_and_is_not_resent(
     redis_pair: tuple[LocalServer, LocalServer],

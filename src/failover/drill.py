@@ -53,8 +53,8 @@ from ._urls import redact_text
 from .core.events import Event, FailoverStarted, StateChanged, StoreRecovered, SwitchState
 from .databases import Databases
 from .local.proxy import FaultProxy, proxied_url
-from .local.servers import HOST, LocalPostgres, LocalRedis, LocalServer, _alive, _descendants
-from .local.stack import LocalStack
+from .local.servers import HOST, LocalPostgres, LocalRedis, LocalServer, pid_alive, process_tree
+from .local.stack import LocalStack, update_state
 from .settings import STORES, Settings
 
 __all__ = ["DrillReport", "FAULTS", "DRILL_TUNING", "WriteTraffic", "add_arguments", "main", "run_drill", "settings_for"]
@@ -246,16 +246,11 @@ def _freeze_foreign(server: LocalServer, state_file: Path | None, key: str) -> l
     if state_file is not None:
         with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
             pid = json.loads(state_file.read_text())[key]["pid"]
-    if not pid or not _alive(int(pid)):
+    if not pid or not pid_alive(int(pid)):
         raise RuntimeError(f"the {key.replace('.', ' ')} server has no live pid in {state_file}; is `failover local up` running?")
-    try:  # a recycled pid must never be hit: the process must name the server's data directory
-        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        cmdline = ""
-    # redis-server rewrites its process title to "redis-server 127.0.0.1:PORT".
-    if str(server.data_dir) not in cmdline and f"{HOST}:{server.port}" not in cmdline:
+    if not server.owns(int(pid)):  # a recycled pid must never be hit
         raise RuntimeError(f"pid {pid} recorded for the {key.replace('.', ' ')} server is another process; not touching it")
-    pids = [int(pid), *(p for p in _descendants(int(pid)) if p != int(pid))]
+    pids = [int(pid), *(p for p in process_tree(int(pid)) if p != int(pid))]
     _signal_all(pids, signal.SIGSTOP)
     return pids
 
@@ -272,7 +267,7 @@ def _kill_foreign(server: LocalServer, pids: list[int]) -> None:
     """SIGKILL the frozen processes *pids* of *server* and wait until they and its port are gone."""
     _signal_all(pids, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while (any(_alive(p) for p in pids) or _port_open(server.port)) and time.monotonic() < deadline:
+    while (any(pid_alive(p) for p in pids) or _port_open(server.port)) and time.monotonic() < deadline:
         time.sleep(0.005)
     if isinstance(server, LocalPostgres):
         # Its parent, not us, reaps the dead postmaster; until then the pid in the lock
@@ -282,10 +277,7 @@ def _kill_foreign(server: LocalServer, pids: list[int]) -> None:
 
 
 def _record_pid(state_file: Path, key: str, pid: int | None) -> None:
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        state = json.loads(state_file.read_text())
-        state.setdefault(key, {})["pid"] = pid
-        state_file.write_text(json.dumps(state, indent=2))
+    update_state(state_file, {key: {"pid": pid}})
 
 
 @contextlib.asynccontextmanager

@@ -18,7 +18,7 @@ import pytest
 
 from failover.cli import main
 from failover.local import LocalServer, free_port
-from failover.local.servers import _alive, _descendants
+from failover.local.servers import pid_alive, process_tree
 from failover.service import create_app
 from tests.integration.test_service import http_server, stack_settings
 
@@ -61,8 +61,8 @@ def stack_pids(directory: Path) -> list[int]:
     state = json.loads((directory / "stack.json").read_text())
     pids: list[int] = []
     for entry in state.values():
-        if entry.get("pid") and _alive(entry["pid"]):
-            pids.extend(_descendants(entry["pid"]))
+        if entry.get("pid") and pid_alive(entry["pid"]):
+            pids.extend(process_tree(entry["pid"]))
     return pids
 
 
@@ -134,7 +134,7 @@ async def test_local_up_kill_stop_start_down_leaves_no_process(stack_dir: Path, 
     killed_pid = servers[("postgres", "primary")]["pid"]
     code, out, err = await run_cli("local", "kill", "postgres", "primary", "--dir", str(stack_dir), env=env, cwd=tmp_path)
     assert code == 0, err
-    assert "stopped" in out and not _alive(killed_pid)
+    assert "stopped" in out and not pid_alive(killed_pid)
     code, out, _ = await run_cli("local", "stop", "redis", "primary", "--dir", str(stack_dir), env=env, cwd=tmp_path)
     assert "paused" in out
     code, out, _ = await run_cli("status", "--env-file", str(env_file), env=env, cwd=tmp_path)
@@ -151,7 +151,7 @@ async def test_local_up_kill_stop_start_down_leaves_no_process(stack_dir: Path, 
     every_pid = set(first_pids) | set(stack_pids(stack_dir))
     code, _, err = await run_cli("local", "down", "--dir", str(stack_dir), env=env, cwd=tmp_path)
     assert code == 0, err
-    assert [pid for pid in every_pid if _alive(pid)] == []
+    assert [pid for pid in every_pid if pid_alive(pid)] == []
     code, out, _ = await run_cli("local", "status", "--json", "--dir", str(stack_dir), env=env, cwd=tmp_path)
     assert all(s["state"] == "stopped" for s in json.loads(out)["servers"])
 
@@ -204,7 +204,7 @@ async def test_local_up_serve_runs_the_service_and_stops_everything(stack_dir: P
         _, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, err.decode()[-2000:]
     assert "Dashboard:  http://127.0.0.1:" in err.decode()
-    assert [pid for pid in pids if _alive(pid)] == []
+    assert [pid for pid in pids if pid_alive(pid)] == []
     assert stack_pids(stack_dir) == []
 
 
@@ -231,7 +231,7 @@ async def test_local_commands_never_signal_a_recycled_pid(stack_dir: Path, tmp_p
         assert code == 0, err
         code, _, err = await run_cli("local", "down", "--dir", str(stack_dir), env=env, cwd=tmp_path)
         assert code == 0, err
-        assert bystander.returncode is None and _alive(bystander.pid)
+        assert bystander.returncode is None and pid_alive(bystander.pid)
     finally:
         bystander.kill()
         await bystander.wait()

@@ -16,7 +16,7 @@ import pytest
 from failover import drill
 from failover.drill import DrillReport, run_drill
 from failover.local import LocalStack
-from failover.local.servers import _alive
+from failover.local.servers import pid_alive
 
 from ..helpers import wait_for
 
@@ -118,7 +118,7 @@ async def test_kill_drill_uses_running_local_servers(server_root: Path) -> None:
             # The drill restarted the primary; no LocalServer object of this test owns it.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(restarted, signal.SIGKILL)
-            await wait_for(lambda: not _alive(restarted), 10, "the restarted primary to exit")
+            await wait_for(lambda: not pid_alive(restarted), 10, "the restarted primary to exit")
 
 
 def test_rejects_unknown_store_and_fault() -> None:

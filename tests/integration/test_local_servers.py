@@ -65,3 +65,22 @@ async def test_sigterm_to_a_drill_stops_its_servers_and_removes_its_files() -> N
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def test_owns_matches_whole_arguments_not_substrings(make_server: Any) -> None:
+    import subprocess
+
+    redis = make_server("redis")
+    postgres = make_server("postgres")
+    assert redis.owns(redis.pid) and postgres.owns(postgres.pid)
+    assert not redis.owns(postgres.pid) and not postgres.owns(redis.pid)
+    # A process that merely mentions the data directory or the address is not the server.
+    lookalike = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)", f"{postgres.data_dir}.log", f"127.0.0.1:{redis.port}0"]
+    )
+    try:
+        assert not postgres.owns(lookalike.pid)
+        assert not redis.owns(lookalike.pid)
+    finally:
+        lookalike.kill()
+        lookalike.wait()

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["LocalServer", "LocalPostgres", "LocalRedis", "LocalMongo", "free_port", "ServerError"]
+__all__ = ["LocalServer", "LocalPostgres", "LocalRedis", "LocalMongo", "free_port", "pid_alive", "process_tree", "ServerError"]
 
 HOST = "127.0.0.1"
 
@@ -46,7 +46,7 @@ def _port_open(port: int, timeout: float = 0.2) -> bool:
         return False
 
 
-def _descendants(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """*pid* and every process below it (PostgreSQL backends run in sessions of their own)."""
     found, queue = [], [pid]
     while queue:
@@ -60,7 +60,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -149,7 +149,7 @@ class LocalServer(abc.ABC):
     def _signal_group(self, sig: signal.Signals) -> list[int]:
         if self.process is None:
             return []
-        pids = _descendants(self.process.pid)
+        pids = process_tree(self.process.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, sig)
         for pid in pids:
@@ -171,7 +171,7 @@ class LocalServer(abc.ABC):
         pids = self._signal_group(signal.SIGKILL)
         self.process.wait(timeout)
         deadline = time.monotonic() + timeout
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.002)
         self.process = None
         self.paused = False
@@ -198,6 +198,26 @@ class LocalServer(abc.ABC):
         except subprocess.TimeoutExpired:
             pass
         self.kill()
+
+    def owns(self, pid: int) -> bool:
+        """Whether live process *pid* is this server, judged by whole ``argv`` elements.
+
+        Used before signalling a pid read from a state file, so a recycled pid (or a
+        ``tail -f`` of the server's log) is never hit. PostgreSQL and nx-27017 name
+        the data directory as an argument; redis-server rewrites its title to
+        ``redis-server 127.0.0.1:PORT``.
+        """
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        words = [w.decode(errors="replace").strip() for w in argv if w]
+        if str(self.data_dir) in words:
+            return True
+        address = f"{HOST}:{self.port}"
+        return bool(words) and "redis-server" in words[0] and (
+            words[0].endswith(" " + address) or address in words[1:2]
+        )
 
     def restart(self, timeout: float = 20.0) -> LocalServer:
         self.kill()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .servers import LocalMongo, LocalPostgres, LocalRedis, LocalServer
 
-__all__ = ["LocalStack", "ROLES"]
+__all__ = ["LocalStack", "ROLES", "update_state"]
 
 ROLES = ("primary", "fallback")
 _CLASSES: dict[str, type[LocalServer]] = {"postgres": LocalPostgres, "mongodb": LocalMongo, "redis": LocalRedis}
@@ -20,6 +24,32 @@ _ENV = {
     ("redis", "primary"): "UPSTASH_REDIS_URL",
     ("redis", "fallback"): "REDIS_URL",
 }
+
+
+@contextlib.contextmanager
+def _locked(state_file: Path) -> Iterator[None]:
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(state_file.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def update_state(state_file: Path, changes: dict[str, dict[str, Any]]) -> None:
+    """Merge *changes* (``{"redis.primary": {"pid": 123}}``) into ``stack.json``.
+
+    Several processes write it (``local up --serve``, ``local kill``, a drill): the
+    read-modify-write happens under a lock and the file is replaced atomically.
+    """
+    with _locked(state_file):
+        try:
+            state = json.loads(state_file.read_text())
+        except (FileNotFoundError, ValueError):
+            state = {}
+        for key, values in changes.items():
+            state.setdefault(key, {}).update(values)
+        tmp = state_file.with_suffix(f".json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(state_file)
 
 
 class LocalStack:
@@ -53,12 +83,10 @@ class LocalStack:
             return {}
 
     def save(self) -> None:
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            f"{store}.{role}": {"port": server.port, "pid": server.pid}
-            for (store, role), server in self.servers.items()
-        }
-        self.state_file.write_text(json.dumps(state, indent=2))
+        update_state(
+            self.state_file,
+            {f"{store}.{role}": {"port": server.port, "pid": server.pid} for (store, role), server in self.servers.items()},
+        )
 
     def server(self, store: str, role: str) -> LocalServer:
         try:

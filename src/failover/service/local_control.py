@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..local.servers import LocalServer, _alive, _descendants
-from ..local.stack import ROLES, LocalStack
+from ..local.servers import LocalServer, pid_alive, process_tree
+from ..local.stack import ROLES, LocalStack, update_state
 
 __all__ = ["LocalControl", "ACTIONS"]
 
@@ -67,13 +67,8 @@ class LocalControl:
 
     def record(self, store: str, role: str, pid: int | None) -> None:
         """Write *pid* (None: not running) for one server into ``stack.json``."""
-        state = self._read_state()
         server = self.stack.server(store, role)
-        state[f"{store}.{role}"] = {"port": server.port, "pid": pid}
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.state_file)
+        update_state(self.state_file, {f"{store}.{role}": {"port": server.port, "pid": pid}})
 
     def record_all(self) -> None:
         """Write the pid and port of every server of the live stack."""
@@ -82,19 +77,13 @@ class LocalControl:
 
     def _recorded_pid(self, store: str, role: str) -> int | None:
         pid = self._read_state().get(f"{store}.{role}", {}).get("pid")
-        if not isinstance(pid, int) or not _alive(pid) or not self._is_server(pid, self.stack.server(store, role)):
+        if not isinstance(pid, int) or not pid_alive(pid) or not self._is_server(pid, self.stack.server(store, role)):
             return None
         return pid
 
     @staticmethod
     def _is_server(pid: int, server: LocalServer) -> bool:
-        """The process really is *server*: its command line names the data directory or,
-        for servers that rewrite their process title (redis-server), the port."""
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            return False
-        return str(server.data_dir) in cmdline or f"127.0.0.1:{server.port}" in cmdline
+        return server.owns(pid)
 
     def _pid(self, store: str, role: str) -> int | None:
         server = self.stack.server(store, role)
@@ -191,7 +180,7 @@ class LocalControl:
                 pid = self._pid(store, role)
                 if pid is None:
                     continue
-                pids = _descendants(pid)
+                pids = process_tree(pid)
                 # A paused server cannot act on SIGTERM: wake it first.
                 _signal_tree(pid, signal.SIGCONT, pids=pids)
                 # PostgreSQL's SIGTERM waits for clients to leave; SIGINT is its fast shutdown.
@@ -210,7 +199,7 @@ class LocalControl:
 
 def _signal_tree(pid: int, sig: signal.Signals, *, freeze: bool = False, pids: list[int] | None = None) -> None:
     """Send *sig* to the process group led by *pid* and every descendant."""
-    pids = pids if pids is not None else _descendants(pid)
+    pids = pids if pids is not None else process_tree(pid)
     if freeze:
         _signal_tree(pid, signal.SIGSTOP, pids=pids)
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -230,7 +219,7 @@ def _wait_dead(pid: int, timeout: float, pids: list[int] | None = None, reap: Lo
         else:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(pid, os.WNOHANG)
-        if not any(_alive(p) for p in pids):
+        if not any(pid_alive(p) for p in pids):
             return True
         if time.monotonic() >= deadline:
             return False

@@ -19,6 +19,7 @@ from .core.events import (
     StoreUnavailable,
     SwitchState,
 )
+from .core.store import last_served
 from .databases import Databases
 from .errors import (
     ClosedError,
@@ -60,5 +61,6 @@ __all__ = [
     "StoreRecovered",
     "StoreUnavailable",
     "SwitchState",
+    "last_served",
     "redact_url",
 ]

@@ -94,6 +94,10 @@ async def test_not_sent_is_retried_on_the_fallback_and_trips_the_breaker() -> No
     try:
         assert await store.run(op) == "ok"
         assert calls == [Role.PRIMARY, Role.FALLBACK]
+        from failover import last_served
+
+        served = last_served()
+        assert served is not None and served.role is Role.FALLBACK
         assert store.switch.state is SwitchState.ON_FALLBACK
         assert any(isinstance(e, OperationRetried) for e in store.bus.recent)
         await asyncio.sleep(0)  # let the drain task run

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import time
@@ -27,9 +28,20 @@ from .health import EndpointHealth
 from .monitor import Monitor
 from .switch import Switch
 
-__all__ = ["Backend", "ErrorKind", "FailoverStore", "StoreOptions"]
+__all__ = ["Backend", "ErrorKind", "FailoverStore", "StoreOptions", "last_served"]
 
 logger = logging.getLogger("failover.store")
+
+_last_served: contextvars.ContextVar[Endpoint | None] = contextvars.ContextVar("failover_last_served", default=None)
+
+
+def last_served() -> Endpoint | None:
+    """The endpoint that served the last successful routed operation of the current task.
+
+    Exact even across a switch or a retry (the active endpoint after the call may differ).
+    """
+    return _last_served.get()
+
 
 DEFAULT_SUSPECT_AFTER = 0.5
 """Seconds an operation may wait before its endpoint gets a confirmation probe."""
@@ -375,6 +387,7 @@ class FailoverStore(Generic[ClientT]):
                 ) from exc
             else:
                 self.health[role].record_operation_success()
+                _last_served.set(endpoint)
                 return result
 
     def lost_during(self, endpoint: Endpoint, exc: BaseException, label: str = "operation") -> BaseException:

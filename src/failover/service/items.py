@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 
 from .._urls import redact_text
 from ..core.endpoint import Endpoint, Role
+from ..core.store import last_served
 from ..core.events import Event, ProbeCompleted
 from ..databases import Databases
 from .auth import require_token
@@ -180,8 +181,11 @@ async def schema_extension(dbs: Databases) -> AsyncIterator[None]:
 
 
 def _served(dbs: Databases, store: str, role: Role | None) -> dict[str, Any]:
+    """Which endpoint served *store*'s last operation in this task (exact, even across a switch)."""
     failover = dbs.store(store)
-    role = role if role is not None else failover.switch.active_role
+    if role is None:
+        served = last_served()
+        role = served.role if served is not None and served.store == store else failover.switch.active_role
     endpoint = failover.endpoints.get(role) if role is not None else None
     return {"served_by": str(role) if role is not None else None, "endpoint": endpoint.name if endpoint else None}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -170,21 +171,8 @@ class Databases:
 def _build(
     store: str, settings: Settings, endpoints: list[Endpoint], options: StoreOptions, bus: EventBus, clock: Clock
 ) -> Any:
-    if store == "postgres":
-        from .stores.postgres import PostgresBackend, PostgresStore
-
-        backend = PostgresBackend(
-            pool_min_size=settings.pool_min_size,
-            pool_max_size=settings.pool_max_size,
-            connect_timeout=settings.connect_timeout,
-        )
-        return PostgresStore(FailoverStore(backend, endpoints, options, bus=bus, clock=clock), backend)
-    if store == "mongodb":
-        from .stores.mongodb import create as create_mongo
-
-        return create_mongo(settings, endpoints, options, bus, clock)
-    if store == "redis":
-        from .stores.redis import create as create_redis
-
-        return create_redis(settings, endpoints, options, bus, clock)
-    raise ValueError(f"unknown store {store!r}")
+    # Imported on demand: an application that uses only Redis never imports psycopg or PyMongo.
+    if store not in STORES:
+        raise ValueError(f"unknown store {store!r}")
+    module = importlib.import_module(f".stores.{store}", __package__)
+    return module.create(settings, endpoints, options, bus, clock)

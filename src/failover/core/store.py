@@ -279,9 +279,6 @@ class FailoverStore(Generic[ClientT]):
 
     # --- routing --------------------------------------------------------------------------
 
-    def endpoint_for(self, role: Role) -> Endpoint:
-        return self.endpoints[role]
-
     async def run(
         self,
         operation: Callable[[Endpoint], Awaitable[T]],

@@ -32,9 +32,11 @@ from psycopg import AsyncConnection
 from ..core.endpoint import Endpoint, Role
 from ..core.sockets import hung_up_or_pending
 from ..core.attempt import attempt_deadline, current_attempt
-from ..core.store import Backend, ErrorKind, FailoverStore
+from ..core.clock import Clock
+from ..core.events import EventBus
+from ..core.store import Backend, ErrorKind, FailoverStore, StoreOptions
 
-__all__ = ["PostgresBackend", "PostgresStore"]
+__all__ = ["PostgresBackend", "PostgresStore", "create"]
 
 logger = logging.getLogger("failover.postgres")
 
@@ -441,3 +443,15 @@ class PostgresStore:
 
     def status(self) -> dict[str, Any]:
         return self.failover.status()
+
+
+def create(
+    settings: Any, endpoints: list[Endpoint], options: StoreOptions, bus: EventBus, clock: Clock
+) -> PostgresStore:
+    """Build the PostgreSQL store for :class:`~failover.Databases`."""
+    backend = PostgresBackend(
+        pool_min_size=settings.pool_min_size,
+        pool_max_size=settings.pool_max_size,
+        connect_timeout=settings.connect_timeout,
+    )
+    return PostgresStore(FailoverStore(backend, endpoints, options, bus=bus, clock=clock), backend)

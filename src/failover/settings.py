@@ -96,6 +96,25 @@ class Settings(BaseSettings):
     pool_max_size: int = _env("FAILOVER_POOL_MAX_SIZE", 10, "most connections per endpoint", ge=1)
     history_size: int = _env("FAILOVER_HISTORY_SIZE", 50, "transitions kept per store for status", ge=1)
 
+    # --- data continuity ----------------------------------------------------------------
+    reconcile: bool = _env(
+        "FAILOVER_RECONCILE",
+        True,
+        "capture writes made on the fallback and copy them to the primary before failback",
+    )
+    conflict_policy: Literal["fallback_wins", "primary_wins", "newest_wins"] = _env(
+        "FAILOVER_CONFLICT_POLICY", "fallback_wins", "which version stays when a key changed on both sides"
+    )
+    postgres_tables: str | None = _env(
+        "FAILOVER_POSTGRES_TABLES",
+        None,
+        "schema.table,... to protect (default: every table with a primary key in schema public)",
+    )
+    reconcile_hold: float = _env(
+        "FAILOVER_RECONCILE_HOLD", 2.0, "seconds new operations may wait for the final catch-up of a reconcile", gt=0
+    )
+    reconcile_batch: int = _env("FAILOVER_RECONCILE_BATCH", 500, "captured keys copied per reconcile batch", ge=1)
+
     # --- display names (default: derived from the URL host) ---------------------------
     postgres_primary_name: str | None = _env("FAILOVER_POSTGRES_PRIMARY_NAME", None, "display name")
     postgres_fallback_name: str | None = _env("FAILOVER_POSTGRES_FALLBACK_NAME", None, "display name")
@@ -164,6 +183,28 @@ class Settings(BaseSettings):
         if store == "redis":
             return self.upstash_redis_url, self.redis_url
         raise ValueError(f"unknown store {store!r}: expected one of {', '.join(STORES)}")
+
+    @field_validator("postgres_tables", mode="after")
+    @classmethod
+    def _check_tables(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for name in value.split(","):
+            name = name.strip()
+            if name and (name.count(".") != 1 or not all(name.split("."))):
+                raise ValueError(f"expected schema.table names separated by commas, got {name!r}")
+        return value
+
+    def protected_tables(self) -> list[tuple[str, str]] | None:
+        """``FAILOVER_POSTGRES_TABLES`` as ``(schema, table)`` pairs; None means every table of ``public``."""
+        if not self.postgres_tables:
+            return None
+        pairs = []
+        for name in self.postgres_tables.split(","):
+            if name.strip():
+                schema, table = name.strip().split(".")
+                pairs.append((schema.strip(), table.strip()))
+        return pairs
 
     def configured_stores(self) -> list[StoreName]:
         """Stores with at least one URL, in the order of the status document."""

@@ -30,6 +30,9 @@ __all__ = [
     "BreakerTripped",
     "ProbeCompleted",
     "OperationRetried",
+    "ReconcileStarted",
+    "ReconcileCompleted",
+    "ConflictResolved",
     "EventBus",
     "Listener",
 ]
@@ -133,6 +136,39 @@ class OperationRetried(Event):
     from_role: Role
     to_role: Role
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileStarted(Event):
+    """A reconcile run took the pair's lock and starts copying captured writes to the primary.
+
+    ``gated`` is True when the run ends in failback (the store is ``RECONCILING``), False
+    for a sweep of writes that other processes left on the fallback.
+    """
+
+    backlog: int
+    gated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileCompleted(Event):
+    """A reconcile run ended; ``ok`` says whether every captured write reached the primary."""
+
+    applied: int
+    conflicts: int
+    duration: float
+    hold: float | None
+    ok: bool
+    result: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictResolved(Event):
+    """A key changed on both sides; the conflict policy decided which version stays."""
+
+    key: str
+    resolution: str
+    detail: str
 
 
 Listener = Callable[[Event], None]

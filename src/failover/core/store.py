@@ -26,6 +26,7 @@ from .endpoint import Endpoint, ProbeResult, Role
 from .events import EventBus, OperationRetried, StateChanged, SwitchState
 from .health import EndpointHealth
 from .monitor import Monitor
+from .reconcile import Admission, Capture, ConflictPolicy, Reconciler
 from .switch import Switch
 
 __all__ = ["Backend", "ErrorKind", "FailoverStore", "StoreOptions", "last_served"]
@@ -114,6 +115,10 @@ class StoreOptions:
         breaker_threshold: int,
         failback_delay: float,
         history_size: int = 50,
+        reconcile: bool = True,
+        conflict_policy: ConflictPolicy | str = ConflictPolicy.FALLBACK_WINS,
+        reconcile_hold: float = 2.0,
+        reconcile_batch: int = 500,
     ) -> None:
         for name, value in (
             ("probe_interval", probe_interval),
@@ -130,6 +135,10 @@ class StoreOptions:
         self.breaker_threshold = breaker_threshold
         self.failback_delay = failback_delay
         self.history_size = history_size
+        self.reconcile = reconcile
+        self.conflict_policy = ConflictPolicy(conflict_policy)
+        self.reconcile_hold = reconcile_hold
+        self.reconcile_batch = reconcile_batch
 
     @classmethod
     def from_settings(cls, settings: Any) -> StoreOptions:
@@ -142,6 +151,10 @@ class StoreOptions:
             breaker_threshold=settings.breaker_threshold,
             failback_delay=settings.failback_delay,
             history_size=settings.history_size,
+            reconcile=settings.reconcile,
+            conflict_policy=settings.conflict_policy,
+            reconcile_hold=settings.reconcile_hold,
+            reconcile_batch=settings.reconcile_batch,
         )
 
 
@@ -156,6 +169,7 @@ class FailoverStore(Generic[ClientT]):
         *,
         bus: EventBus | None = None,
         clock: Clock | None = None,
+        capture: Capture | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError(f"the {backend.store} store needs at least one endpoint")
@@ -184,8 +198,19 @@ class FailoverStore(Generic[ClientT]):
             clock=self.clock,
             bus=self.bus,
             history_size=options.history_size,
+            reconcile_gate=capture is not None and len(endpoints) == 2,
         )
         self.monitor = Monitor(self, options.probe_interval)
+        self.admission = Admission()
+        self.reconciler: Reconciler | None = None
+        if capture is not None and self.switch.reconcile_gate:
+            self.reconciler = Reconciler(
+                self,
+                capture,
+                policy=options.conflict_policy,
+                hold=options.reconcile_hold,
+                batch_size=options.reconcile_batch,
+            )
         self.counters = {"operations": 0, "retries": 0, "errors": 0}
         self._started = False
         self._closed = False
@@ -202,7 +227,10 @@ class FailoverStore(Generic[ClientT]):
         for endpoint in self.endpoints.values():
             await self.backend.open(endpoint)
         await self.probe_round(evaluate=False)
-        self.switch.initialize()
+        backlog = await self._prepare_reconcile()
+        self.switch.initialize(reconcile_first=bool(backlog))
+        if self.switch.state is SwitchState.RECONCILING and self.reconciler is not None:
+            self.reconciler.kick()
         # Pools are filled only for endpoints that answered: a dead endpoint's pool
         # would spend its life reconnecting in the background.
         usable = [h.endpoint for h in self.health.values() if h.healthy]
@@ -218,6 +246,10 @@ class FailoverStore(Generic[ClientT]):
     async def close(self) -> None:
         self._closed = True
         await self.monitor.stop()
+        if self.reconciler is not None:
+            await self.reconciler.stop()
+            with contextlib.suppress(Exception):
+                await self.reconciler.capture.close()
         # Let drains finish (they are bounded): a cancelled drain could leak the pool it took.
         if self._background:
             _done, pending = await asyncio.wait(set(self._background), timeout=self.options.operation_timeout)
@@ -260,6 +292,7 @@ class FailoverStore(Generic[ClientT]):
             self.health[result.role].record_probe(result)
         if not evaluate:
             return
+        await self._prepare_reconcile()
         primary = self.health.get(Role.PRIMARY)
         if (
             self.switch.state is SwitchState.ON_FALLBACK
@@ -276,6 +309,30 @@ class FailoverStore(Generic[ClientT]):
                 self.switch.evaluate(allow_failback=False)
                 return
         self.switch.evaluate()
+        self._maybe_reconcile()
+
+    async def _prepare_reconcile(self) -> int:
+        """Keep capture installed on a usable fallback; return the backlog seen (0 if unknown)."""
+        reconciler = self.reconciler
+        if reconciler is None or reconciler.running:
+            return 0
+        fallback = self.health[Role.FALLBACK]
+        if not (fallback.last_probe and fallback.last_probe.usable):
+            return 0
+        primary = self.health[Role.PRIMARY]
+        await reconciler.prepare(bool(primary.last_probe and primary.last_probe.usable))
+        return reconciler.backlog or 0
+
+    def _maybe_reconcile(self) -> None:
+        """Start a run when the switch waits for one, or to sweep writes other processes left."""
+        reconciler = self.reconciler
+        if reconciler is None or reconciler.running or self._closed:
+            return
+        state = self.switch.state
+        if state is SwitchState.RECONCILING:
+            reconciler.kick()
+        elif state is SwitchState.ON_PRIMARY and reconciler.backlog and self.health[Role.FALLBACK].healthy:
+            reconciler.kick()
 
     # --- routing --------------------------------------------------------------------------
 
@@ -286,6 +343,7 @@ class FailoverStore(Generic[ClientT]):
         idempotent: bool = False,
         timeout: float | None = None,
         label: str = "operation",
+        gated: bool = True,
     ) -> T:
         """Run *operation* on the active endpoint, retrying elsewhere when that is safe.
 
@@ -293,12 +351,29 @@ class FailoverStore(Generic[ClientT]):
         endpoint when the driver says it never reached the server, or, when
         *idempotent*, after any connection-level failure. The whole call, retries
         included, is bounded by *timeout* (default: the operation timeout).
+        While a reconcile holds the store's writes (its final catch-up) the call
+        first waits for the hold to end; ``gated=False`` is for steps of a block
+        that was already admitted (see :attr:`admission`).
         """
         if self._closed:
             raise ClosedError(f"the {self.name} store is closed")
         self.counters["operations"] += 1
         budget = self.options.operation_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
+        admission = self.admission
+        if gated:
+            if admission.held:
+                await admission.wait(deadline)
+            admission.inflight += 1
+            try:
+                return await self._route(operation, idempotent, budget, deadline, label)
+            finally:
+                admission.leave()
+        return await self._route(operation, idempotent, budget, deadline, label)
+
+    async def _route(
+        self, operation: Callable[[Endpoint], Awaitable[T]], idempotent: bool, budget: float, deadline: float, label: str
+    ) -> T:
         tried: list[Role] = []
         failures: list[str] = []
         maybe_sent = False  # did any attempt get as far as possibly reaching a server?
@@ -479,6 +554,8 @@ class FailoverStore(Generic[ClientT]):
     def _on_event(self, event: Any) -> None:
         if not isinstance(event, StateChanged) or event.store != self.name:
             return
+        if event.to_state is SwitchState.RECONCILING and self.reconciler is not None:
+            self.reconciler.kick()
         previous = _active_role(event.from_state)
         current = _active_role(event.to_state)
         if previous is not None and previous is not current and previous in self.endpoints:
@@ -521,6 +598,7 @@ class FailoverStore(Generic[ClientT]):
             "endpoints": {str(role): _endpoint_status(h, now) for role, h in self.health.items()},
             "transitions": [t.to_dict() for t in reversed(self.switch.history)],
             "counters": dict(self.counters, switches=self.switch.switches),
+            "reconcile": self.reconciler.snapshot() if self.reconciler is not None else {"enabled": False},
         }
 
 

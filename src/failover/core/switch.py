@@ -135,9 +135,25 @@ class Switch:
 
     # --- transitions ----------------------------------------------------------------------
 
-    def initialize(self) -> None:
-        """Take the state the first probes call for, without counting it as a switch."""
+    def initialize(self, reconcile_first: bool = False) -> None:
+        """Take the state the first probes call for, without counting it as a switch.
+
+        *reconcile_first*: writes made on the fallback are still waiting to be
+        reconciled (a previous run was interrupted), so a store that would start on
+        the primary starts ``RECONCILING`` instead: traffic stays on the fallback
+        until they are on the primary.
+        """
         target, reason = self._decide()
+        fallback = self.health.get(Role.FALLBACK)
+        if (
+            reconcile_first
+            and self.reconcile_gate
+            and target is SwitchState.ON_PRIMARY
+            and self.pinned is None
+            and fallback is not None
+            and fallback.healthy
+        ):
+            target, reason = SwitchState.RECONCILING, "writes made on the fallback wait to be reconciled"
         self.state = target
         self.history.append(Transition(self._clock.wall(), SwitchState.UNAVAILABLE, target, f"started: {reason}"))
         log = logger.info if target is self._preferred_state() else logger.warning

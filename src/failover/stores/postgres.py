@@ -307,8 +307,9 @@ class PostgresStore:
             conn, pool = await self.backend.acquire(endpoint, budget, store.options.probe_timeout)
             return conn, pool, endpoint
 
-        # Acquiring sends no statement, so it is always safe to retry elsewhere.
-        return await store.run(acquire, idempotent=True, timeout=budget, label="connection acquire")
+        # Acquiring sends no statement, so it is always safe to retry elsewhere. The block was
+        # admitted by connection() already (a reconcile hold waits for it as a whole).
+        return await store.run(acquire, idempotent=True, timeout=budget, label="connection acquire", gated=False)
 
     @asynccontextmanager
     async def connection(self, *, timeout: float | None = None) -> AsyncIterator[AsyncConnection[Any]]:
@@ -326,6 +327,12 @@ class PostgresStore:
         """
         budget = self.failover.options.operation_timeout if timeout is None else timeout
         started = time.monotonic()
+        async with self.failover.admission.admitted(started + budget):
+            async with self._connection_block(budget, started) as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _connection_block(self, budget: float, started: float) -> AsyncIterator[AsyncConnection[Any]]:
         conn, pool, endpoint = await self._lease(budget)
         deadline = _Deadline(conn, budget - (time.monotonic() - started))
         healthy_exit = False
@@ -454,4 +461,9 @@ def create(
         pool_max_size=settings.pool_max_size,
         connect_timeout=settings.connect_timeout,
     )
-    return PostgresStore(FailoverStore(backend, endpoints, options, bus=bus, clock=clock), backend)
+    capture = None
+    if options.reconcile and len(endpoints) == 2:
+        from .postgres_capture import PostgresCapture
+
+        capture = PostgresCapture(tables=settings.protected_tables(), connect_timeout=settings.connect_timeout)
+    return PostgresStore(FailoverStore(backend, endpoints, options, bus=bus, clock=clock, capture=capture), backend)

@@ -142,6 +142,33 @@ class Databases:
         """Force *store* onto ``primary`` or ``fallback``; ``None`` returns it to automatic mode."""
         self.store(store).switch.pin(Role(role) if role is not None else None)
 
+    async def conflicts(self, store: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Recorded reconcile conflicts, newest first, of *store* (or of every store).
+
+        Each is a dict: ``store``, ``key``, ``resolution`` (``fallback_kept`` |
+        ``primary_kept``), ``at`` (epoch seconds), ``primary`` and ``fallback`` (summaries
+        of both versions, secrets masked and long values cut; None where the key was
+        absent) and ``detail``. The log lives on each store's fallback; a store whose
+        fallback cannot be read is skipped with a warning.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        names = [store] if store is not None else list(self._facades)
+        found: list[dict[str, Any]] = []
+        for name in names:
+            failover = self.store(name)
+            reconciler = failover.reconciler
+            if reconciler is None:
+                continue
+            fallback = failover.endpoints[Role.FALLBACK]
+            try:
+                async with asyncio.timeout(failover.options.operation_timeout):
+                    found.extend(await reconciler.capture.conflicts(fallback, limit))
+            except Exception as exc:
+                logger.warning("reading the %s conflict log failed: %s", name, failover.describe(fallback, exc))
+        found.sort(key=lambda c: c.get("at") or 0, reverse=True)
+        return found[:limit]
+
     # --- status ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:

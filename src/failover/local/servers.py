@@ -404,7 +404,10 @@ class LocalMongo(LocalServer):
         return f"mongodb://{HOST}:{self.port}/?directConnection=true"
 
     def _command(self) -> list[str]:
-        binary = shutil.which("nx-27017") or str(Path(sys.executable).parent / "nx-27017")
+        # This interpreter's own (its venv), else the PATH's: CI runs the oldest PyMongo
+        # against a server from another venv, since nx-27017 needs a newer PyMongo itself.
+        own = Path(sys.executable).parent / "nx-27017"
+        binary = str(own) if own.exists() else shutil.which("nx-27017") or str(own)
         if not Path(binary).exists():
             raise ServerError("nx-27017 was not found: pip install 'failover[local]'")
         return [

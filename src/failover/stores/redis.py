@@ -148,10 +148,30 @@ class PoolExhausted(RedisError):
 
 
 def _saturated(pool: BlockingConnectionPool) -> bool:
-    can_get = getattr(pool, "can_get_connection", None)
+    can_get = getattr(pool, "can_get_connection", None)  # public since redis-py 5.1
     if can_get is not None:
         return not can_get()
-    return len(getattr(pool, "_in_use_connections", ())) >= pool.max_connections
+    in_use, _ = pool_counts(pool)
+    return in_use is not None and in_use >= pool.max_connections
+
+
+def _count(pool: BlockingConnectionPool, attribute: str) -> int | None:
+    value = getattr(pool, attribute, None)
+    try:
+        return len(value) if value is not None else None
+    except TypeError:
+        return None
+
+
+def pool_counts(pool: BlockingConnectionPool) -> tuple[int | None, int | None]:
+    """``(in_use, idle)`` connections of *pool*; None where redis-py does not tell.
+
+    redis-py has no public count of busy and idle connections, so these read its
+    private lists (``_in_use_connections``, ``_available_connections``, the same from
+    5.2 through 8.x). If a release renames them, the counts become None and the
+    callers take their slower, always-correct path; nothing breaks.
+    """
+    return _count(pool, "_in_use_connections"), _count(pool, "_available_connections")
 
 
 # redis-py < 5.3 wants a command name (ignored) when taking a pooled connection.
@@ -160,6 +180,14 @@ _NAME_REQUIRED = (
     is inspect.Parameter.empty
 )
 _GET_CONNECTION_ARGS: tuple[str, ...] = ("_",) if _NAME_REQUIRED else ()
+
+
+# redis-py 8 deprecates lib_name/lib_version for driver_info (None: send nothing).
+_NO_CLIENT_SETINFO: dict[str, None] = (
+    {"driver_info": None}
+    if "driver_info" in inspect.signature(AbstractConnection.__init__).parameters
+    else {"lib_name": None, "lib_version": None}
+)
 
 
 def _no_retry() -> Retry:
@@ -207,8 +235,7 @@ class RedisBackend(Backend[BlockingConnectionPool]):
                 socket_timeout=self.socket_timeout,
                 retry=_no_retry(),
                 retry_on_error=[],
-                lib_name=None,  # no CLIENT SETINFO round trips on connect
-                lib_version=None,
+                **_NO_CLIENT_SETINFO,  # no CLIENT SETINFO round trips on connect
             )
             client = Redis(connection_pool=pool)
             self._clients[endpoint.role] = client
@@ -280,14 +307,17 @@ class RedisBackend(Backend[BlockingConnectionPool]):
         budget = self.connect_timeout if deadline is None else max(0.001, deadline - time.monotonic() - 0.01)
         conn: AbstractConnection | None = None
         try:
-            if getattr(pool, "_available_connections", None):
+            if pool_counts(pool)[1]:
                 # An idle connection is there: nothing to wait for, no timer on the hot path.
                 conn = await pool.get_connection(*_GET_CONNECTION_ARGS)
             else:
                 # Waiting for a slot, or connecting (AUTH may wait on a hung server).
                 async with asyncio.timeout(budget):
                     conn = await pool.get_connection(*_GET_CONNECTION_ARGS)
-            if not _idle_and_alive(conn):
+            alive = _idle_and_alive(conn)
+            if alive is None:  # redis-py hides the socket: ask it, at the price of a read attempt
+                alive = await _alive_by_driver(conn)
+            if not alive:
                 # The socket already holds the server's hang-up (or stray bytes):
                 # reconnect now; if the server is down this fails before sending.
                 await conn.disconnect(nowait=True)
@@ -345,12 +375,12 @@ class RedisBackend(Backend[BlockingConnectionPool]):
         # execute() hands it back to the pool in every case.
         return await pipe.execute(raise_on_error=raise_on_error)
 
-    def stats(self) -> dict[str, dict[str, int]]:
-        """Pooled connections per role: ``in_use`` and ``idle``."""
+    def stats(self) -> dict[str, dict[str, int | None]]:
+        """Pooled connections per role: ``in_use`` and ``idle`` (None when redis-py does not tell)."""
         out = {}
         for role, client in self._clients.items():
-            pool = client.connection_pool
-            out[str(role)] = {"in_use": len(pool._in_use_connections), "idle": len(pool._available_connections)}
+            in_use, idle = pool_counts(client.connection_pool)  # type: ignore[arg-type]
+            out[str(role)] = {"in_use": in_use, "idle": idle}
         return out
 
 
@@ -377,17 +407,22 @@ async def _is_master(conn: AbstractConnection) -> bool:
     return True
 
 
-def _idle_and_alive(conn: AbstractConnection) -> bool:
+def _idle_and_alive(conn: AbstractConnection) -> bool | None:
     """True when an idle pooled connection has nothing to read, i.e. its server did not hang up.
 
     redis-py's own check (``can_read_destructive``) sees a hang-up only after the
     event loop has read it; a server killed a moment ago may not have been
     noticed yet. Asking the kernel (``poll`` with a zero timeout) costs no round
     trip and no wait, and an idle RESP connection must have nothing to read.
+
+    None when redis-py does not expose the stream (``_writer``, private, the same
+    from 5.2 through 8.x): the caller then uses :func:`_alive_by_driver`.
     """
     if not conn.is_connected:
         return False
-    writer = conn._writer  # redis-py keeps the asyncio stream private
+    if not hasattr(conn, "_writer"):
+        return None
+    writer = conn._writer
     sock = writer.transport.get_extra_info("socket") if writer is not None else None
     if sock is None:
         return False
@@ -397,6 +432,14 @@ def _idle_and_alive(conn: AbstractConnection) -> bool:
             return False
         return not hung_up_or_pending(fd)
     except (OSError, ValueError):
+        return False
+
+
+async def _alive_by_driver(conn: AbstractConnection) -> bool:
+    """redis-py's public check: an idle connection with a reply (or a hang-up) waiting is not usable."""
+    try:
+        return not await conn.can_read_destructive()
+    except (RedisError, OSError):
         return False
 
 

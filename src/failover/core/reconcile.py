@@ -361,7 +361,8 @@ class Reconciler:
             with contextlib.suppress(Exception):
                 await self._step(self.capture.after_reconcile(self._primary, self._fallback))
         except asyncio.CancelledError:
-            result = "cancelled"
+            if result != "completed":  # cancelled during after_reconcile() changes nothing
+                result = "cancelled"
             raise
         except Exception as exc:
             self.last_error = self._store.describe(self._primary, exc)

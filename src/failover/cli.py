@@ -316,10 +316,14 @@ def cmd_local_up(args: argparse.Namespace) -> int:
         values.update(stack.env())
         values["FAILOVER_LOCAL_MODE"] = True
         settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        # `failover local kill|stop|start` (and drills) ask this process, so every server it
+        # starts is its child and is reaped here when it dies.
+        control.listen()
         return _run_service(settings, args.host, args.port, args.log_level, local=control)
     except KeyboardInterrupt:
         return 0
     finally:
+        control.close()
         if started:
             # A second Ctrl-C must not interrupt the clean-up and leave servers behind.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -365,12 +369,18 @@ def cmd_local_status(args: argparse.Namespace) -> int:
 
 
 def cmd_local_action(args: argparse.Namespace) -> int:
+    from .service.local_control import ask_owner
+
     control = _control(args.dir)
     if not control.state_file.exists():
         print(f"failover: no local stack in {control.base_dir}: run `failover local up` first", file=sys.stderr)
         return 2
     try:
-        entry = control.act(args.action, args.store, args.role)
+        # The process that owns the servers (`local up --serve`) acts when there is one: a
+        # server it starts is its child, which it reaps. Otherwise act here.
+        entry = ask_owner(control.base_dir, args.action, args.store, args.role)
+        if entry is None:
+            entry = control.act(args.action, args.store, args.role)
     except ValueError as exc:
         print(f"failover: {exc}", file=sys.stderr)
         return 2

@@ -223,6 +223,13 @@ class _Target:
         return frozen
 
     async def start_primary(self) -> None:
+        if self.external and self.state_file is not None:
+            # `failover local up --serve` starts it when it runs, so the server is its child
+            # (reaped there) rather than an orphan of this short-lived drill.
+            from .service.local_control import ask_owner
+
+            if await asyncio.to_thread(ask_owner, self.state_file.parent, "start", self.store, "primary") is not None:
+                return
         await asyncio.to_thread(self.primary.start)
         if self.external and self.state_file is not None:
             _record_pid(self.state_file, f"{self.store}.primary", self.primary.pid)

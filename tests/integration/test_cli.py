@@ -208,6 +208,100 @@ async def test_local_up_serve_runs_the_service_and_stops_everything(stack_dir: P
     assert stack_pids(stack_dir) == []
 
 
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+async def _wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_cli_kill_then_start_while_local_up_serve_runs_leaves_no_zombie(stack_dir: Path, tmp_path: Path) -> None:
+    """The README's `./dev run` in one terminal, `failover local kill|start` in another, for every store."""
+    port = free_port()
+    env = clean_env()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "failover", "local", "up", "--serve", "--dir", str(stack_dir), "--port", str(port),
+        env=env, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    every_pid: set[int] = set()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+
+            async def ready() -> bool:
+                with contextlib.suppress(httpx.TransportError):
+                    return (await client.get("/readyz")).status_code == 200
+                return False
+
+            for _ in range(600):
+                if process.returncode is not None or await ready():
+                    break
+                await asyncio.sleep(0.05)
+            assert await ready(), "the service did not come up"
+            assert (stack_dir / "control.sock").exists()
+            for store in ("postgres", "mongodb", "redis"):
+                code, out, _ = await run_cli("local", "status", "--json", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+                old = next(s for s in json.loads(out)["servers"] if (s["store"], s["role"]) == (store, "primary"))["pid"]
+                old_tree = process_tree(old)
+                every_pid.update(old_tree)
+                code, out, err = await run_cli("local", "kill", store, "primary", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+                assert code == 0 and "stopped" in out, err
+                # The killed server was the serve process's child: it is reaped, not left a zombie.
+                await _wait_until(lambda: not any(_zombie(p) for p in old_tree), 2, f"{store}: zombie left by kill")
+                code, out, err = await run_cli("local", "start", store, "primary", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+                assert code == 0 and "running" in out, err + server_logs(stack_dir)
+                new = int(out.rsplit("pid ", 1)[1].rstrip(")\n"))
+                assert new != old
+                assert _parent(new) == process.pid, f"{store}: the restarted server is not the owner's child"
+                every_pid.update(process_tree(new))
+                assert [p for p in _children(process.pid) if _zombie(p)] == []
+            for _ in range(200):  # back on every primary
+                health = (await client.get("/api/v1/health/databases")).json()
+                if health["overall_status"] == "healthy":
+                    break
+                await asyncio.sleep(0.1)
+            assert health["overall_status"] == "healthy", health
+            # A kill through the CLI then a start through the dashboard, and the other way round.
+            code, _, err = await run_cli("local", "kill", "redis", "fallback", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+            assert code == 0, err
+            started = await client.post("/api/v1/local/redis/fallback/start", headers={"X-Failover-Action": "1"})
+            assert started.status_code == 200 and started.json()["server"]["state"] == "running"
+            killed = await client.post("/api/v1/local/postgres/fallback/kill", headers={"X-Failover-Action": "1"})
+            assert killed.status_code == 200
+            code, out, err = await run_cli("local", "start", "postgres", "fallback", "--dir", str(stack_dir), env=env, cwd=tmp_path)
+            assert code == 0 and "running" in out, err + server_logs(stack_dir)
+            every_pid.update(stack_pids(stack_dir))
+            await _wait_until(lambda: not [p for p in _children(process.pid) if _zombie(p)], 2, "zombies of the owner")
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert not (stack_dir / "control.sock").exists()
+    # Every server of the run is gone for good: not running, and not a zombie either.
+    assert [p for p in every_pid if Path(f"/proc/{p}").exists()] == []
+
+
 async def test_drill_is_delegated(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     code, out, _ = await run_cli("drill", "--help", env=clean_env(), cwd=tmp_path)
     assert code == 0 and "--store" in out

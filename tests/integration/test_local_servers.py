@@ -84,3 +84,30 @@ def test_owns_matches_whole_arguments_not_substrings(make_server: Any) -> None:
     finally:
         lookalike.kill()
         lookalike.wait()
+
+
+def test_a_stale_postmaster_pid_never_blocks_a_start(make_server: Any) -> None:
+    """A killed postmaster nobody reaped (a zombie), or its pid now given to another program."""
+    import subprocess
+
+    postgres = make_server("postgres")
+    lock = postgres.data_dir / "postmaster.pid"
+    # As the postgres user, like a dead postmaster (PostgreSQL ignores pids it may not signal).
+    zombie = subprocess.Popen(["true"], user="postgres")  # exits at once; not waited for: a zombie
+    bystander = subprocess.Popen(["sleep", "30"], user="postgres")
+    try:
+        while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z":
+            pass
+        for stale_pid in (zombie.pid, bystander.pid):
+            postgres.kill()
+            lines = lock.read_text().split("\n") if lock.exists() else ["0", str(postgres.data_dir)]
+            lines[0] = str(stale_pid)  # what PostgreSQL checks: "is process <pid> alive?"
+            lock.write_text("\n".join(lines))
+            postgres.start()
+            assert postgres.running
+            assert int(lock.read_text().split("\n")[0]) == postgres.pid
+        assert bystander.poll() is None  # never signalled
+    finally:
+        zombie.wait()
+        bystander.kill()
+        bystander.wait()

@@ -305,9 +305,28 @@ class LocalPostgres(LocalServer):
         if not (self.data_dir / "PG_VERSION").exists():
             subprocess.run(["cp", "-a", str(self._template_dir()), str(self.data_dir)], check=True)
             os.chown(self.data_dir, user.pw_uid, user.pw_gid)
+        self._remove_stale_lock()
         log = self.data_dir.parent / f"{self.data_dir.name}.log"
         log.touch()
         os.chown(log, user.pw_uid, user.pw_gid)
+
+    def _remove_stale_lock(self) -> None:
+        """Delete ``postmaster.pid`` when the postmaster it names is dead.
+
+        PostgreSQL refuses to start while the pid in its lock file exists, and a
+        killed postmaster that its parent has not reaped yet (a zombie), or a pid the
+        system has since given to another program, still "exists". A live
+        postmaster of this data directory keeps its lock.
+        """
+        lock = self.data_dir / "postmaster.pid"
+        try:
+            pid = int(lock.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return
+        if pid_alive(pid) and self.owns(pid):
+            return
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
 
     def _command(self) -> list[str]:
         return [

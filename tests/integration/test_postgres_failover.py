@@ -250,9 +250,12 @@ async def test_pin_to_fallback_and_release(pg_pair: tuple[LocalServer, LocalServ
         assert server_count(fallback) == 1
         assert dbs.status()["postgres"]["pinned"] == "fallback"
         dbs.pin("postgres", None)
-        assert state(dbs) is SwitchState.ON_PRIMARY
+        # The write made while pinned is reconciled before traffic returns to the primary.
+        assert state(dbs) is SwitchState.RECONCILING
+        await wait_for(lambda: state(dbs) is SwitchState.ON_PRIMARY, 10, "failback after reconcile")
         await dbs.postgres.execute("insert into items values (2, 'released')")
-        assert server_count(primary) == 1
+        assert server_count(primary) == 2
+        assert server_count(fallback) == 1
     finally:
         await dbs.close()
 

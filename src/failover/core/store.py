@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-from .._urls import redact_text
+from .reasons import describe_exception
 from ..errors import ClosedError, NoEndpointAvailable, OperationTimeout, OutcomeUnknown
 from .attempt import AttemptClock
 from .clock import Clock, SystemClock
@@ -545,9 +545,8 @@ class FailoverStore(Generic[ClientT]):
         return "; ".join(f"{h.endpoint.name}: {h.reason}" for h in self.health.values())
 
     def describe(self, endpoint: Endpoint, exc: BaseException) -> str:
-        """A one-line, password-free description of *exc*."""
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return redact_text(f"{type(exc).__name__}: {text}", endpoint.secrets)[:300]
+        """A one-line, password-free description of *exc* in plain words (no class names)."""
+        return describe_exception(exc, endpoint.secrets)
 
     # --- events ---------------------------------------------------------------------------
 

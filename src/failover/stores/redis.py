@@ -56,7 +56,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import str_if_bytes
 
-from .._urls import redact_text
+from ..core.reasons import describe_exception
 from ..core.clock import Clock
 from ..core.endpoint import Endpoint, Role
 from ..core.events import EventBus
@@ -444,8 +444,7 @@ async def _alive_by_driver(conn: AbstractConnection) -> bool:
 
 
 def _redacted(endpoint: Endpoint, exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return redact_text(f"{type(exc).__name__}: {text}", endpoint.secrets)[:300]
+    return describe_exception(exc, endpoint.secrets)
 
 
 CommandStack = list[tuple[tuple[Any, ...], dict[str, Any]]]

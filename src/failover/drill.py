@@ -11,9 +11,12 @@ servers directly to report:
 * **errors surfaced to callers**, by kind (``NoEndpointAvailable``: nothing was
   written; ``OutcomeUnknown``: a write was in flight when the connection broke);
 * **acknowledged writes missing from the primary** after failback, split into
-  those *stranded on the fallback* (written there during the outage; expected
-  until reconcile copies them back, a later feature) and those *lost* (on
-  neither server: a durability problem).
+  those *stranded on the fallback* (written there during the outage and not
+  reconciled: with reconcile on, a defect; with ``FAILOVER_RECONCILE=false``,
+  expected) and those *lost* (on neither server: a durability problem);
+* **reconcile**: how long the store stayed ``RECONCILING``, how many captured
+  keys it copied, at what rate, and how long new writes were held for the final
+  catch-up.
 
 Faults:
 
@@ -50,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from ._urls import redact_text
-from .core.events import Event, FailoverStarted, StateChanged, StoreRecovered, SwitchState
+from .core.events import Event, FailoverStarted, ReconcileCompleted, StateChanged, StoreRecovered, SwitchState
 from .databases import Databases
 from .local.proxy import FaultProxy, proxied_url
 from .local.servers import HOST, LocalPostgres, LocalRedis, LocalServer, pid_alive, process_tree
@@ -437,6 +440,15 @@ class DrillReport:
     tuning: dict[str, Any]
     notes: list[str]
     missing_ids_sample: list[str] = field(default_factory=list)
+    reconcile_enabled: bool = False
+    """Whether the store captured writes on the fallback and reconciled them before failback."""
+    reconcile_s: float | None = None
+    """Time spent ``RECONCILING`` (from the first entry to failback)."""
+    reconcile_applied: int = 0
+    """Captured keys copied to the primary by the drill's reconcile runs."""
+    reconcile_rate_per_s: float | None = None
+    write_hold_s: float | None = None
+    """How long new writes waited for the final catch-up of the run that failed back."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -460,8 +472,15 @@ class DrillReport:
             f"  errors surfaced:      {self.errors_surfaced}"
             + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.errors_by_kind.items()))})" if self.errors_by_kind else ""),
             f"  acknowledged writes missing from the primary after failback: {self.missing_from_primary}",
-            f"    stranded on the fallback (expected until reconcile): {self.stranded_on_fallback}",
+            f"    stranded on the fallback (not reconciled):         {self.stranded_on_fallback}",
             f"    lost (on neither server):                          {self.lost}",
+            (
+                f"  reconcile:            {secs(self.reconcile_s)} RECONCILING, {self.reconcile_applied} keys copied"
+                + (f" ({self.reconcile_rate_per_s:.0f}/s)" if self.reconcile_rate_per_s else "")
+                + f", writes held {secs(self.write_hold_s)}"
+                if self.reconcile_enabled
+                else "  reconcile:            off (FAILOVER_RECONCILE=false): outage writes stay on the fallback"
+            ),
             "    missing/acknowledged by phase: " + ", ".join(f"{k} {self.missing_by_phase.get(k, 0)}/{v}" for k, v in self.acked_by_phase.items()),
             f"  errored writes found applied anyway: {self.unacknowledged_but_applied}",
         ]
@@ -519,10 +538,16 @@ async def run_drill(
         dbs = Databases(settings)
         marks: dict[str, float] = {}
 
+        reconciles: list[ReconcileCompleted] = []
+
         def on_event(event: Event) -> None:
+            if isinstance(event, ReconcileCompleted) and event.store == store:
+                reconciles.append(event)
             if not isinstance(event, StateChanged) or event.store != store:
                 return
             now = time.monotonic()
+            if event.to_state is SwitchState.RECONCILING:
+                marks.setdefault("reconciling", now)
             if isinstance(event, FailoverStarted) or (
                 isinstance(event, StoreRecovered) and event.to_state is SwitchState.ON_FALLBACK
             ):
@@ -556,7 +581,21 @@ async def run_drill(
             unsubscribe()
         on_primary = await probe.ids_on(target.primary.url, run)
         on_fallback = await probe.ids_on(target.fallback.url, run)
-        return _report(store, fault, duration, run, traffic, marks, switches, transitions, on_primary, on_fallback, tuning, target.notes)
+        report = _report(store, fault, duration, run, traffic, marks, switches, transitions, on_primary, on_fallback, tuning, target.notes)
+        report.reconcile_enabled = settings.reconcile and dbs.store(store).reconciler is not None
+        if "reconciling" in marks and "failback" in marks:
+            report.reconcile_s = marks["failback"] - marks["reconciling"]
+        report.reconcile_applied = sum(e.applied for e in reconciles)
+        busy = sum(e.duration for e in reconciles)
+        report.reconcile_rate_per_s = report.reconcile_applied / busy if busy > 0 and report.reconcile_applied else None
+        holds = [e.hold for e in reconciles if e.ok and e.hold is not None]
+        report.write_hold_s = holds[-1] if holds else None
+        if report.stranded_on_fallback and report.reconcile_enabled:
+            report.notes.append(
+                f"{report.stranded_on_fallback} acknowledged write(s) made on the fallback were not reconciled "
+                "into the primary: that is a defect, please report it"
+            )
+        return report
 
 
 async def _pause(seconds: float) -> None:
@@ -633,11 +672,6 @@ def _report(
     if lost:
         note_list.append(
             f"{len(lost)} acknowledged write(s) are on neither server: the server that acknowledged them did not keep them"
-        )
-    if stranded:
-        note_list.append(
-            f"{len(stranded)} write(s) made on the fallback during the outage are not on the primary yet: "
-            "reconcile (copying fallback writes back before failback) is not implemented yet"
         )
     return DrillReport(
         store=store,

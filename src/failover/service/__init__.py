@@ -4,10 +4,11 @@ Run it whole with :func:`create_app` (``failover serve``), or add failover to an
 existing FastAPI app::
 
     from fastapi import FastAPI
-    from failover.service import PostgresConnection, failover_lifespan, health_router
+    from failover.service import PostgresConnection, conflicts_router, failover_lifespan, health_router
 
     app = FastAPI(lifespan=failover_lifespan())
     app.include_router(health_router)
+    app.include_router(conflicts_router)  # GET /api/v1/conflicts, reconcile's conflict log
 
     @app.get("/now")
     async def now(pg: PostgresConnection) -> dict:
@@ -17,6 +18,7 @@ existing FastAPI app::
 
 from .app import create_app
 from .auth import check_token, require_token
+from .conflicts import conflicts_router
 from .dashboard import dashboard_router
 from .deps import (
     FailoverDatabases,
@@ -44,6 +46,7 @@ __all__ = [
     "FailoverMetrics",
     "LocalControl",
     "check_token",
+    "conflicts_router",
     "create_app",
     "dashboard_router",
     "failover_lifespan",

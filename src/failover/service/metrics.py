@@ -3,11 +3,13 @@
 Two sources feed them:
 
 * events (``ProbeCompleted``, ``StateChanged``, ``OperationRetried``,
-  ``BreakerTripped``) become histograms and counters as they happen, so a
-  failover that came and went between two scrapes is still counted;
+  ``BreakerTripped``, ``ReconcileCompleted``, ``ConflictResolved``) become
+  histograms and counters as they happen, so a failover that came and went
+  between two scrapes is still counted;
 * the current state (active role, endpoint health, the stores' operation
-  counters) is read from the stores at scrape time by a custom collector, so
-  it can never drift from what ``/api/v1/health/databases`` says.
+  counters, the reconcile backlog and applied count) is read from the stores at
+  scrape time by a custom collector, so it can never drift from what
+  ``/api/v1/health/databases`` says.
 
 Each app gets its own ``CollectorRegistry`` (never the global one): two apps in
 one process, as in the test suite, do not collide. Label values are bounded:
@@ -25,11 +27,13 @@ from prometheus_client.registry import Collector
 
 from ..core.events import (
     BreakerTripped,
+    ConflictResolved,
     Event,
     FailbackCompleted,
     FailoverStarted,
     OperationRetried,
     ProbeCompleted,
+    ReconcileCompleted,
     StateChanged,
     SwitchState,
 )
@@ -42,6 +46,12 @@ __all__ = ["FailoverMetrics", "reason_cause", "CONTENT_TYPE"]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 DEFAULT_PROBE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# A reconcile run drains an outage's backlog: from milliseconds to many minutes.
+DEFAULT_RECONCILE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+# The final catch-up holds writes for at most FAILOVER_RECONCILE_HOLD (default 2 s).
+DEFAULT_HOLD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+# Conflict resolutions (core.reconcile.Resolution); anything else is counted as "other".
+_RESOLUTIONS = frozenset({"fallback_kept", "primary_kept"})
 
 # (substring of the lower-cased reason, cause label); first match wins.
 _CAUSES: tuple[tuple[str, str], ...] = (
@@ -94,6 +104,19 @@ class _StatusCollector(Collector):
             "failover_operation_retries", "routed operations retried on the other endpoint", labels=["store"]
         )
         switches = CounterMetricFamily("failover_switches", "moves of the active endpoint", labels=["store"])
+        backlog = GaugeMetricFamily(
+            "failover_reconcile_backlog",
+            "captured writes on the fallback waiting to be copied to the primary (as last read)",
+            labels=["store"],
+        )
+        applied = CounterMetricFamily(
+            "failover_reconcile_applied", "captured writes copied to the primary by this process", labels=["store"]
+        )
+        unprotected = GaugeMetricFamily(
+            "failover_reconcile_unprotected_tables",
+            "tables whose writes on the fallback cannot be reconciled (no primary key)",
+            labels=["store"],
+        )
         for name, store in self._databases.stores.items():
             role = store.switch.active_role
             for candidate in store.endpoints:
@@ -109,7 +132,14 @@ class _StatusCollector(Collector):
             errors.add_metric([name], float(counters.get("errors", 0)))
             retries.add_metric([name], float(counters.get("retries", 0)))
             switches.add_metric([name], float(store.switch.switches))
-        yield from (active, state, up, healthy, operations, errors, retries, switches)
+            if store.reconciler is not None:
+                reconcile = store.reconciler.snapshot()
+                if reconcile.get("backlog") is not None:  # None: not read yet (fallback down since start)
+                    backlog.add_metric([name], float(reconcile["backlog"]))
+                applied.add_metric([name], float(reconcile.get("applied") or 0))
+                if isinstance(reconcile.get("unprotected_tables"), list):
+                    unprotected.add_metric([name], float(len(reconcile["unprotected_tables"])))
+        yield from (active, state, up, healthy, operations, errors, retries, switches, backlog, applied, unprotected)
 
 
 class FailoverMetrics:
@@ -144,6 +174,32 @@ class FailoverMetrics:
         )
         self.breaker_trips = Counter(
             "failover_breaker_trips", "circuit breaker trips on live traffic", ["store", "role"], registry=self.registry
+        )
+        self.reconcile_runs = Counter(
+            "failover_reconcile_runs",
+            "reconcile runs that ended, by result (ok: every captured write reached the primary)",
+            ["store", "result"],
+            registry=self.registry,
+        )
+        self.reconcile_duration = Histogram(
+            "failover_reconcile_duration_seconds",
+            "duration of reconcile runs, by result",
+            ["store", "result"],
+            buckets=DEFAULT_RECONCILE_BUCKETS,
+            registry=self.registry,
+        )
+        self.reconcile_hold = Histogram(
+            "failover_reconcile_hold_seconds",
+            "how long the final catch-up of a reconcile held the store's new operations",
+            ["store"],
+            buckets=DEFAULT_HOLD_BUCKETS,
+            registry=self.registry,
+        )
+        self.conflicts = Counter(
+            "failover_reconcile_conflicts",
+            "keys changed on both sides, by the version the conflict policy kept",
+            ["store", "resolution"],
+            registry=self.registry,
         )
         self._collector: _StatusCollector | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -182,6 +238,15 @@ class FailoverMetrics:
             self.retried.labels(event.store, str(event.from_role), str(event.to_role)).inc()
         elif isinstance(event, BreakerTripped):
             self.breaker_trips.labels(event.store, str(event.role)).inc()
+        elif isinstance(event, ReconcileCompleted):
+            result = "ok" if event.ok else "failed"
+            self.reconcile_runs.labels(event.store, result).inc()
+            self.reconcile_duration.labels(event.store, result).observe(event.duration)
+            if event.hold is not None:
+                self.reconcile_hold.labels(event.store).observe(event.hold)
+        elif isinstance(event, ConflictResolved):
+            resolution = event.resolution if event.resolution in _RESOLUTIONS else "other"
+            self.conflicts.labels(event.store, resolution).inc()
 
     def render(self) -> bytes:
         """The exposition text of every metric."""

@@ -133,6 +133,37 @@ def card(state: dict[str, Any], store: str) -> dict[str, Any]:
     return next(c for c in state["cards"] if c["store"] == store)
 
 
+# What the page shows of reconcile: each card's block, the progress bar, the conflict list.
+RECONCILE_JS = """JSON.stringify({
+  cards: Array.from(document.querySelectorAll('section.store')).map(function (s) {
+    var block = s.querySelector('[data-field=reconcile]');
+    var bar = s.querySelector('[data-field=reconcile-progress] .bar');
+    var text = s.querySelector('[data-field=reconcile-progress-text]');
+    var last = s.querySelector('[data-field=reconcile-last-run]');
+    return {store: s.dataset.store, state: s.dataset.state,
+            badge: (s.querySelector('[data-field=state]') || {}).textContent,
+            enabled: block ? block.dataset.enabled : null,
+            backlog: (s.querySelector('[data-reconcile=backlog] b') || {}).textContent,
+            conflicts: (s.querySelector('[data-reconcile=conflicts] b') || {}).textContent,
+            bar: bar ? bar.style.width : null, progress: text ? text.textContent : null,
+            lastRun: last ? last.textContent : null};
+  }),
+  conflicts: Array.from(document.querySelectorAll('#conflicts tbody tr')).map(function (r) {
+    var key = r.querySelector('[data-field=conflict-key]');
+    var res = r.querySelector('[data-field=conflict-resolution]');
+    return {store: r.dataset.conflictStore || null, key: key ? key.textContent : null,
+            resolution: res ? res.textContent : null, text: r.textContent};
+  })
+})"""
+
+
+async def render_synthetic(page: DevTools, state: dict[str, Any]) -> dict[str, Any]:
+    """Draw *state* with the page's own render() and read the result in the same script run,
+    so no poll of the page can redraw in between."""
+    script = f"window.failoverDashboard.render({json.dumps(state)}); {RECONCILE_JS}"
+    return json.loads(await page.evaluate(script))  # type: ignore[no-any-return]
+
+
 async def test_dashboard_shows_the_stores_and_follows_a_killed_primary(server_root: Path) -> None:
     stack = LocalStack(server_root / "dash")
     await asyncio.to_thread(stack.start)
@@ -152,6 +183,42 @@ async def test_dashboard_shows_the_stores_and_follows_a_killed_primary(server_ro
             assert all(c["buttons"] == 5 for c in state["cards"])  # local mode: kill/hang/start primary, kill/start fallback
             assert state["error"] == ""
             assert TOKEN not in state["search"] and TOKEN not in state["html"]  # taken out of the address bar
+
+            # Each card has its reconcile block (PostgreSQL's capture is on), and the page a conflict list.
+            shown = json.loads(await page.evaluate(RECONCILE_JS))
+            pg_card = next(c for c in shown["cards"] if c["store"] == "postgres")
+            assert pg_card["enabled"] == "true" and pg_card["backlog"] == "0" and pg_card["conflicts"] == "0", pg_card
+            assert pg_card["bar"] is None  # no run under way
+            assert all(c["enabled"] in ("true", "false") for c in shown["cards"]), shown
+            assert [c["text"] for c in shown["conflicts"]] == ["none recorded"]
+
+            # A store in the middle of a reconcile, drawn from a state document shaped like the server's.
+            async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+                live = (await client.get("/api/v1/dashboard/state")).json()
+            postgres = live["status"]["postgres"]
+            postgres["state"] = "RECONCILING"
+            postgres["reconcile"].update(
+                backlog=250, applied=750, conflicts=1, rate_per_s=5000.0, state="draining",
+                last_run={"started_at": live["generated_at"], "duration_s": 0.2, "applied": 10, "conflicts": 0,
+                          "hold_s": 0.004, "result": "completed", "gated": True},
+            )  # fmt: skip
+            live["reconcile_runs"] = {
+                "postgres": {"started_at": live["generated_at"], "gated": True, "start_backlog": 1000, "backlog": 250, "done": 0.75}
+            }
+            live["conflicts"] = [{
+                "store": "postgres", "key": "public.items[id=\"<b>x</b>\"]", "resolution": "fallback_kept",
+                "at": live["generated_at"], "primary": {"name": "p"}, "fallback": {"name": "f"}, "detail": "policy fallback_wins",
+            }]  # fmt: skip
+            drawn = await render_synthetic(page, live)
+            pg_card = next(c for c in drawn["cards"] if c["store"] == "postgres")
+            assert pg_card["state"] == "RECONCILING" and pg_card["badge"] == "RECONCILING"
+            assert pg_card["backlog"] == "250" and pg_card["conflicts"] == "1"
+            assert pg_card["bar"] == "75%" and pg_card["progress"].startswith("copied 750 of 1000 (75%)"), pg_card
+            assert "completed" in pg_card["lastRun"] and "writes held 4 ms" in pg_card["lastRun"], pg_card
+            assert drawn["conflicts"] == [{
+                "store": "postgres", "key": 'public.items[id="<b>x</b>"]', "resolution": "fallback_kept",
+                "text": drawn["conflicts"][0]["text"],
+            }]  # fmt: skip  (the key is text, never HTML)
 
             # A primary killed behind the dashboard's back shows up within seconds.
             await asyncio.to_thread(stack.server("redis", "primary").kill)

@@ -3,8 +3,10 @@
 The page (``static/index.html`` + ``dashboard.js``, no build step) polls
 ``GET /api/v1/dashboard/state`` every second and draws, per store, the endpoint
 in use, each endpoint's health and probe latency, recent transitions and
-counters. The state is ``Databases.status()`` plus recent events, so the page
-shows exactly what the health endpoint and metrics say.
+counters, the reconcile block (backlog, applied, conflicts, rate, last run, and
+a bar while a run drains the backlog) and the last conflicts. The state is
+``Databases.status()`` plus recent events and conflicts, so the page shows
+exactly what the health endpoint, ``/api/v1/conflicts`` and metrics say.
 
 In local mode (``FAILOVER_LOCAL_MODE``, set by ``failover local up --serve``)
 ``POST /api/v1/local/{store}/{role}/{action}`` kills (SIGKILL), hangs
@@ -28,12 +30,14 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 
-from ..core.events import ProbeCompleted
+from ..core.events import Event, ProbeCompleted, ReconcileCompleted, ReconcileStarted
+from ..databases import Databases
 from .auth import require_token
+from .conflicts import recent_conflicts
 from .deps import get_databases
 from .local_control import ACTIONS, LocalControl
 
-__all__ = ["dashboard_router", "STATIC_DIR", "get_local_control"]
+__all__ = ["dashboard_router", "STATIC_DIR", "get_local_control", "reconcile_runs"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATE_LOCAL = "failover_local"
@@ -60,16 +64,56 @@ async def dashboard_page() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=_NO_STORE)
 
 
+def reconcile_runs(dbs: Databases, events: list[Event] | None = None) -> dict[str, dict[str, Any]]:
+    """The reconcile run under way in each store, for the page's progress bar.
+
+    ``start_backlog`` is the backlog when the run started (its ``ReconcileStarted``
+    event), ``backlog`` the one read last; ``done`` is the fraction copied so far,
+    against the larger of the two (writes keep arriving while a run drains).
+    """
+    recent = list(dbs.events.recent) if events is None else events
+    runs: dict[str, dict[str, Any]] = {}
+    for name, store in dbs.stores.items():
+        reconciler = store.reconciler
+        if reconciler is None or not reconciler.running:
+            continue
+        started = None
+        for event in reversed(recent):
+            if event.store != name:
+                continue
+            if isinstance(event, ReconcileCompleted):
+                break
+            if isinstance(event, ReconcileStarted):
+                started = event
+                break
+        if started is None:
+            continue  # waiting for the pair's lock, or the event is out of the history
+        backlog = reconciler.backlog or 0
+        total = max(started.backlog, backlog)
+        runs[name] = {
+            "started_at": started.at,
+            "gated": started.gated,
+            "start_backlog": started.backlog,
+            "backlog": backlog,
+            "done": round(1.0 - backlog / total, 4) if total else 1.0,
+        }
+    return runs
+
+
 @dashboard_router.get("/api/v1/dashboard/state", dependencies=[Depends(require_token)])
 async def dashboard_state(request: Request) -> JSONResponse:
     """Everything the page draws, in one document."""
     dbs = get_databases(request)
     control = get_local_control(request)
-    events = [e.to_dict() for e in list(dbs.events.recent)[-50:] if not isinstance(e, ProbeCompleted)]
+    recent = list(dbs.events.recent)
+    events = [e.to_dict() for e in recent[-50:] if not isinstance(e, ProbeCompleted)]
+    conflicts = await recent_conflicts(request).get(dbs)
     body: dict[str, Any] = {
         "generated_at": time.time(),
         "status": dbs.status(),
         "events": list(reversed(events)),
+        "reconcile_runs": reconcile_runs(dbs, recent),
+        "conflicts": conflicts,
         "local_mode": control is not None,
         "local": await run_in_threadpool(control.describe) if control is not None else [],
     }

@@ -86,7 +86,67 @@
     return box;
   }
 
-  function storeCard(name, st, local, processes) {
+  function duration(seconds) {
+    if (typeof seconds !== "number") { return ""; }
+    return seconds < 1 ? (seconds * 1000).toFixed(0) + " ms" : seconds.toFixed(seconds < 10 ? 2 : 0) + " s";
+  }
+
+  function count(value) {
+    return typeof value === "number" ? String(value) : "–";
+  }
+
+  // The reconcile block: writes captured on the fallback on their way to the primary.
+  function reconcileBlock(rc, run) {
+    if (!rc || !rc.enabled) {
+      return el("div", { className: "reconcile off", "data-field": "reconcile", "data-enabled": "false", text: "reconcile: off" });
+    }
+    var stats = [
+      ["backlog", count(rc.backlog)], ["applied", count(rc.applied)], ["conflicts", count(rc.conflicts)],
+      ["rate", typeof rc.rate_per_s === "number" ? rc.rate_per_s + "/s" : "–"], ["state", rc.state || ""]
+    ].map(function (pair) {
+      return el("span", { "data-reconcile": pair[0] }, [
+        el("span", { className: "muted", text: pair[0] + " " }), el("b", { text: pair[1] })
+      ]);
+    });
+    var children = [el("div", { className: "reconcile-stats" }, stats)];
+    if (run) {
+      var percent = Math.max(0, Math.min(100, Math.round(run.done * 100)));
+      var bar = el("div", { className: "bar" });
+      bar.style.width = percent + "%";
+      children.push(el("div", {
+        className: "progress", "data-field": "reconcile-progress", "data-done": String(run.done),
+        title: (run.gated ? "reconciling before failback" : "sweeping writes left on the fallback")
+      }, [bar]));
+      children.push(el("div", {
+        className: "muted", "data-field": "reconcile-progress-text",
+        text: "copied " + Math.max(0, run.start_backlog - run.backlog) + " of " + Math.max(run.start_backlog, run.backlog) +
+          " (" + percent + "%) · started " + time(run.started_at)
+      }));
+    }
+    var last = rc.last_run;
+    if (last) {
+      children.push(el("div", {
+        className: "muted", "data-field": "reconcile-last-run",
+        text: "last run " + time(last.started_at) + ": " + last.result + " · " + last.applied + " applied, " +
+          last.conflicts + " conflicts in " + duration(last.duration_s) +
+          (typeof last.hold_s === "number" ? " · writes held " + duration(last.hold_s) : "")
+      }));
+    }
+    if (rc.unprotected_tables && rc.unprotected_tables.length) {
+      children.push(el("div", {
+        className: "warning", "data-field": "reconcile-unprotected",
+        text: "not reconciled (no primary key): " + rc.unprotected_tables.join(", ")
+      }));
+    }
+    if (rc.error) {
+      children.push(el("div", { className: "reason", "data-field": "reconcile-error", text: rc.error }));
+    }
+    return el("div", { className: "reconcile", "data-field": "reconcile", "data-enabled": "true" }, [
+      el("h3", { text: "Reconcile" + (rc.policy ? " · " + rc.policy : "") })
+    ].concat(children));
+  }
+
+  function storeCard(name, st, local, processes, run) {
     var endpoints = st.endpoints || {};
     var rows = [];
     ["primary", "fallback"].filter(function (r) { return endpoints[r]; }).forEach(function (r) {
@@ -118,6 +178,7 @@
       el("div", { className: "counters" }, Object.keys(counters).map(function (k) {
         return el("span", { "data-counter": k, text: k + ": " + counters[k] });
       })),
+      reconcileBlock(st.reconcile, run),
       el("h3", { text: "Transitions" }),
       el("table", { className: "transitions" }, [el("tbody", {}, transitions.length ? transitions : [el("tr", {}, [el("td", { text: "none yet" })])])])
     ]);
@@ -125,7 +186,25 @@
 
   function eventDetail(e) {
     if (e.reason) { return (e.from_state ? e.from_state + " → " + e.to_state + ": " : "") + e.reason; }
+    if (e.kind === "ReconcileStarted") { return "backlog " + e.backlog + (e.gated ? ", before failback" : ", sweep"); }
+    if (e.kind === "ReconcileCompleted") {
+      return e.result + ": " + e.applied + " applied, " + e.conflicts + " conflicts in " + duration(e.duration);
+    }
+    if (e.kind === "ConflictResolved") { return e.key + ": " + e.resolution + (e.detail ? " (" + e.detail + ")" : ""); }
     return e.endpoint || "";
+  }
+
+  function conflictRows(conflicts) {
+    if (!conflicts.length) { return [el("tr", {}, [el("td", { colSpan: 5, className: "muted", text: "none recorded" })])]; }
+    return conflicts.map(function (c) {
+      return el("tr", { "data-conflict-store": c.store }, [
+        el("td", { text: time(c.at) }),
+        el("td", { text: c.store }),
+        el("td", { className: "key", "data-field": "conflict-key", text: c.key }),
+        el("td", {}, [el("span", { className: "badge " + c.resolution, "data-field": "conflict-resolution", text: c.resolution })]),
+        el("td", { className: "reason", text: c.detail || "" })
+      ]);
+    });
   }
 
   function render(state) {
@@ -139,9 +218,11 @@
     (state.local || []).forEach(function (p) { processes[p.store + "." + p.role] = p; });
     var main = document.getElementById("stores");
     var cards = STORE_ORDER.filter(function (n) { return status[n]; }).map(function (n) {
-      return storeCard(n, status[n], state.local_mode, processes);
+      return storeCard(n, status[n], state.local_mode, processes, (state.reconcile_runs || {})[n]);
     });
     main.replaceChildren.apply(main, cards);
+    var conflictBody = document.querySelector("#conflicts tbody");
+    if (conflictBody) { conflictBody.replaceChildren.apply(conflictBody, conflictRows(state.conflicts || [])); }
     var body = document.querySelector("#events tbody");
     body.replaceChildren.apply(body, (state.events || []).slice(0, 20).map(function (e) {
       return el("tr", {}, [el("td", { text: time(e.at) }), el("td", { text: e.store }), el("td", { text: e.kind }), el("td", { className: "reason", text: eventDetail(e) })]);

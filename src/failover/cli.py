@@ -4,6 +4,7 @@
 
     failover serve [--host H] [--port P]         the service (dashboard, health, metrics, items)
     failover status [--url URL]                   status JSON after a first probe round (or from a service)
+    failover conflicts [--store S] [--limit N]    reconcile conflicts, newest first [--url URL] [--json]
     failover local up [--serve] [--dir D]         primary+fallback of every store on loopback, env file in D
     failover local down | status [--dir D]
     failover local kill|stop|start STORE ROLE    SIGKILL / SIGSTOP / start-or-SIGCONT one server
@@ -51,6 +52,7 @@ LOCAL_TUNING: dict[str, str] = {
 Variables already set in the environment win."""
 
 STORES = ("postgres", "mongodb", "redis")
+CONFLICTS_MAX = 1000  # the service's own limit for GET /api/v1/conflicts
 ROLES = ("primary", "fallback")
 
 
@@ -72,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--token", help="bearer token for --url (default: $FAILOVER_HEALTH_TOKEN)")
     status.add_argument("--env-file", default=".env", help="env file to read besides the environment (default: .env)")
     status.set_defaults(func=cmd_status)
+
+    conflicts = commands.add_parser("conflicts", help="list the reconcile conflicts recorded on the fallbacks, newest first")
+    conflicts.add_argument("--store", choices=STORES, help="only this store (default: every configured store)")
+    conflicts.add_argument("--limit", type=int, default=20, help=f"how many, 1 to {CONFLICTS_MAX} (default: 20)")
+    conflicts.add_argument("--url", help="ask a running service instead (e.g. http://127.0.0.1:8000)")
+    conflicts.add_argument("--token", help="bearer token for --url (default: $FAILOVER_HEALTH_TOKEN)")
+    conflicts.add_argument("--env-file", default=".env", help="env file to read besides the environment (default: .env)")
+    conflicts.add_argument("--json", action="store_true", help="print JSON ({\"conflicts\": [...]})")
+    conflicts.set_defaults(func=cmd_conflicts)
 
     local = commands.add_parser("local", help="embedded local primary+fallback servers for demos and drills")
     actions = local.add_subparsers(dest="local_command", metavar="ACTION", required=True)
@@ -256,6 +267,94 @@ def _status_from_service(url: str, token: str | None) -> int:
         return 1
     print(json.dumps(status, indent=2))
     return 1 if response.status_code >= 500 or status.get("overall_status") == "unhealthy" else 0
+
+
+# --- conflicts -----------------------------------------------------------------------------
+
+
+def cmd_conflicts(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= CONFLICTS_MAX:
+        print(f"failover: --limit must be from 1 to {CONFLICTS_MAX}", file=sys.stderr)
+        return 2
+    if args.url:
+        found = _conflicts_from_service(args.url, args.token or os.environ.get("FAILOVER_HEALTH_TOKEN"), args.store, args.limit)
+        if found is None:
+            return 1
+    else:
+        from .settings import Settings
+
+        settings = Settings.from_env(args.env_file if Path(args.env_file).exists() else None)
+        if not settings.configured_stores():
+            print("failover: no store is configured: set SUPABASE_DB_URL/POSTGRES_URL, MONGODB_ATLAS_URL/MONGODB_URL "
+                  "or UPSTASH_REDIS_URL/REDIS_URL (or pass --url to ask a running service)", file=sys.stderr)
+            return 2
+        if args.store is not None and args.store not in settings.configured_stores():
+            print(f"failover: the {args.store} store is not configured", file=sys.stderr)
+            return 2
+        found = asyncio.run(_conflicts_direct(settings, args.store, args.limit))
+    if args.json:
+        print(json.dumps({"conflicts": found}, indent=2, default=str))
+    else:
+        print(format_conflicts(found))
+    return 0
+
+
+async def _conflicts_direct(settings: Any, store: str | None, limit: int) -> list[dict[str, Any]]:
+    """Read the conflict logs from each store's fallback; no probe round, no pool is opened."""
+    from .databases import Databases
+
+    dbs = Databases(settings)
+    try:
+        return await dbs.conflicts(store, limit)
+    finally:
+        await dbs.close()
+
+
+def _conflicts_from_service(url: str, token: str | None, store: str | None, limit: int) -> list[dict[str, Any]] | None:
+    import httpx
+
+    target = url.rstrip("/") + "/api/v1/conflicts"
+    params: dict[str, Any] = {"limit": limit}
+    if store:
+        params["store"] = store
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.get(target, params=params, headers=headers, timeout=30.0)
+    except httpx.HTTPError as exc:
+        print(f"failover: cannot reach {redact_url(target)}: {type(exc).__name__}", file=sys.stderr)
+        return None
+    if response.status_code == 401:
+        print("failover: the service wants a token: set FAILOVER_HEALTH_TOKEN or pass --token", file=sys.stderr)
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code != 200 or not isinstance(body, dict) or not isinstance(body.get("conflicts"), list):
+        detail = body.get("detail") if isinstance(body, dict) else None
+        print(f"failover: {redact_url(target)} answered HTTP {response.status_code}" + (f": {detail}" if detail else ""), file=sys.stderr)
+        return None
+    return body["conflicts"]  # type: ignore[no-any-return]
+
+
+def format_conflicts(conflicts: Sequence[dict[str, Any]]) -> str:
+    """A readable table of conflicts: one line each, then both versions and the policy's reason."""
+    import datetime as dt
+
+    if not conflicts:
+        return "no conflicts recorded"
+    lines = [f"{'TIME':19}  {'STORE':8}  {'RESOLUTION':13}  KEY"]
+    for c in conflicts:
+        at = c.get("at")
+        when = dt.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S") if isinstance(at, (int, float)) else "?"
+        lines.append(f"{when:19}  {str(c.get('store')):8}  {str(c.get('resolution')):13}  {c.get('key')}")
+        for side in ("primary", "fallback"):
+            value = c.get(side)
+            shown = "(absent)" if value is None else json.dumps(value, default=str, ensure_ascii=False)
+            lines.append(f"    {side + ':':9} {shown[:200]}")
+        if c.get("detail"):
+            lines.append(f"    {'why:':9} {c['detail']}")
+    return "\n".join(lines)
 
 
 # --- local ---------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from .errors import (
     OperationTimeout,
     OutcomeUnknown,
     StoreNotConfigured,
+    TransactionRolledBack,
 )
 from .settings import Settings
 
@@ -61,6 +62,7 @@ __all__ = [
     "StoreRecovered",
     "StoreUnavailable",
     "SwitchState",
+    "TransactionRolledBack",
     "last_served",
     "redact_url",
 ]

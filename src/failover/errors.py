@@ -10,6 +10,8 @@ visible in the tree::
      └── OperationError              an operation could not be completed
           ├── NoEndpointAvailable    [retryable later] no endpoint accepted the
           │                          operation before it reached a server
+          ├── TransactionRolledBack  [retryable] the connection failed before
+          │                          COMMIT was sent: nothing was committed
           └── OutcomeUnknown         [not retried] the connection failed after the
                │                     operation may have reached the server
                └── OperationTimeout  the operation ran past its deadline
@@ -33,6 +35,7 @@ __all__ = [
     "OperationTimeout",
     "OutcomeUnknown",
     "StoreNotConfigured",
+    "TransactionRolledBack",
 ]
 
 
@@ -77,6 +80,19 @@ class NoEndpointAvailable(OperationError):
     """No endpoint of the store could take the operation.
 
     The operation never reached a server, so retrying it later is safe.
+    """
+
+    retryable = True
+
+
+class TransactionRolledBack(OperationError):
+    """The connection failed while a transaction ran, before its ``COMMIT`` was sent.
+
+    PostgreSQL commits nothing without a ``COMMIT``: the server rolled the
+    transaction back (or will, as soon as it notices the lost connection), so
+    running the whole transaction again, on whichever endpoint is active now,
+    cannot apply it twice. :meth:`PostgresStore.run_transaction
+    <failover.stores.postgres.PostgresStore.run_transaction>` does that for you.
     """
 
     retryable = True

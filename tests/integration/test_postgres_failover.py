@@ -16,6 +16,7 @@ from failover import (
     OperationTimeout,
     OutcomeUnknown,
     SwitchState,
+    TransactionRolledBack,
 )
 from failover.local import LocalServer
 
@@ -192,13 +193,14 @@ async def test_connection_lost_mid_transaction_is_not_replayed(pg_pair: tuple[Lo
     prepare(primary, fallback)
     dbs = await databases(primary, fallback)
     try:
-        with pytest.raises(OutcomeUnknown) as caught:
+        # COMMIT was never sent: rolled back, not "unknown" (issue 12), and still not replayed.
+        with pytest.raises(TransactionRolledBack) as caught:
             async with dbs.postgres.connection() as conn:
                 await conn.execute("insert into items values (42, 'in flight')")
                 await asyncio.to_thread(primary.kill)
                 await conn.execute("insert into items values (43, 'after the crash')")
         assert caught.value.store == "postgres"
-        assert not caught.value.retryable
+        assert caught.value.retryable
         assert server_count(fallback) == 0  # nothing was re-executed elsewhere
     finally:
         await dbs.close()
@@ -331,7 +333,7 @@ async def test_a_saturated_pool_is_not_mistaken_for_a_dead_server(pg_pair: tuple
         await dbs.close()
 
 
-async def test_insert_returning_is_not_retried_but_select_is(pg_pair: tuple[LocalServer, LocalServer]) -> None:
+async def test_insert_returning_is_not_a_read_but_runs_elsewhere_when_rolled_back(pg_pair: tuple[LocalServer, LocalServer]) -> None:
     from failover.stores.postgres import _idempotent
 
     assert _idempotent("select * from items", None) is True
@@ -347,9 +349,11 @@ async def test_insert_returning_is_not_retried_but_select_is(pg_pair: tuple[Loca
         task = asyncio.create_task(dbs.postgres.fetchone("insert into items values (77, 'once') returning id"))
         await asyncio.sleep(0.1)  # let it be sent to the hung server
         await asyncio.to_thread(primary.kill)
-        with pytest.raises(OutcomeUnknown):
-            await task
-        assert server_count(fallback, "id = 77") == 0
+        # Its COMMIT was never sent, so the primary rolled it back: it runs on the fallback, once.
+        assert await task == (77,)
+        assert server_count(fallback, "id = 77") == 1
     finally:
         await dbs.close()
+    await asyncio.to_thread(primary.start)
+    assert server_count(primary, "id = 77") == 0
 

@@ -8,8 +8,15 @@ Routing rules:
 * a pooled connection is checked without a round trip before it is handed out:
   if its socket already saw the server hang up, the server is probed and, when
   it is down, the breaker trips and the request goes to the fallback;
-* once the caller's block has run statements, a connection failure raises
-  :class:`~failover.errors.OutcomeUnknown`; nothing is re-executed.
+* PostgreSQL commits nothing without a ``COMMIT``. A connection failure (or a
+  reply that ends the session, SQLSTATE class 57) *before* the ``COMMIT`` was
+  sent means the transaction was rolled back: a ``connection()`` block raises
+  :class:`~failover.errors.TransactionRolledBack`, and a one-statement helper
+  (``execute``/``fetch``/``fetchone``) runs its statement again on the other
+  endpoint. Only a failure *while committing* leaves the outcome unknown
+  (:class:`~failover.errors.OutcomeUnknown`); nothing is re-executed then.
+  Connections are :class:`FailoverConnection` objects, which count the
+  ``COMMIT`` statements they send, so "was COMMIT sent?" has an exact answer.
 """
 
 from __future__ import annotations
@@ -18,16 +25,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import psycopg
 import psycopg_pool
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncCursor
 
 from ..core.endpoint import Endpoint, Role
 from ..core.sockets import hung_up_or_pending
@@ -35,8 +44,9 @@ from ..core.attempt import attempt_deadline, current_attempt
 from ..core.clock import Clock
 from ..core.events import EventBus
 from ..core.store import Backend, ErrorKind, FailoverStore, StoreOptions
+from ..errors import OperationTimeout, OutcomeUnknown, TransactionRolledBack
 
-__all__ = ["PostgresBackend", "PostgresStore", "create"]
+__all__ = ["FailoverConnection", "PostgresBackend", "PostgresStore", "create"]
 
 logger = logging.getLogger("failover.postgres")
 
@@ -48,6 +58,23 @@ _READ_ONLY_SQL = re.compile(r"^\s*(select|show|values|table|explain)\b", re.IGNO
 # SQLSTATE classes/codes that mean "this connection or server is gone".
 _CONNECTION_SQLSTATES = ("08", "57P01", "57P02", "57P03")
 _READ_ONLY_SQLSTATE = "25006"
+# The server rolled the transaction back and says running it again may succeed.
+_REPLAY_SQLSTATES = ("40001", "40P01")  # serialization_failure, deadlock_detected
+
+DEFAULT_TRANSACTION_ATTEMPTS = 10
+"""Most runs of one transaction by ``run_transaction`` (all within the operation timeout)."""
+DEFAULT_BACKOFF_BASE = 0.01
+"""Seconds: the cap of the first pause between runs; it doubles at each run (full jitter)."""
+DEFAULT_BACKOFF_CAP = 0.5
+"""Seconds: the longest pause between two runs."""
+_MIN_ATTEMPT = 0.05  # an attempt with less time left than this is not started
+
+# A statement that may end the transaction with a commit (at the start of the text or after a ';').
+_ENDS_TRANSACTION = re.compile(r"(?:^|;)\s*(?:commit|end|prepare\s+transaction)\b", re.IGNORECASE)
+_IDLE = psycopg.pq.TransactionStatus.IDLE
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 _PROBE_SQL = (
     "select pg_is_in_recovery(), current_setting('transaction_read_only'), "
@@ -61,6 +88,151 @@ class _NotSent(Exception):
     def __init__(self, message: str, cause: BaseException | None = None) -> None:
         super().__init__(message)
         self.__cause__ = cause
+
+
+class _RolledBack(_NotSent):
+    """Internal: the connection failed before COMMIT was sent, so nothing was committed."""
+
+
+class FailoverConnection(AsyncConnection[Any]):
+    """A psycopg ``AsyncConnection`` that knows whether it may have committed.
+
+    Every connection failover hands out is one. It counts what it sends that may
+    commit: :meth:`commit`, the exit of an outermost :meth:`transaction` block,
+    ``tpc_prepare``/``tpc_commit``, a ``COMMIT``/``END``/``PREPARE TRANSACTION``
+    statement, any statement in autocommit mode, and a server warning that a
+    transaction "has already committed locally" (a synchronous-replication wait
+    cut short). A connection failure is then classified exactly: if nothing that
+    may commit was sent since the transaction began, it was rolled back.
+
+    Attributes:
+        commits_sent: things that may have committed, sent over the connection's life.
+        transaction_commits: the value of ``commits_sent`` when the current
+            transaction began; differs from it once its ``COMMIT`` was sent.
+        block_commits: the value of ``commits_sent`` when failover handed the
+            connection out (start of a ``connection()`` block).
+        endpoint: the endpoint this connection goes to.
+    """
+
+    commits_sent: int = 0
+    ended_by_server: bool = False
+    """The server announced it is ending the session (a FATAL message received while idle)."""
+    transaction_commits: int = 0
+    block_commits: int = 0
+    endpoint: Endpoint | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cursor_factory = _TrackedCursor
+        ref = weakref.ref(self)  # a bound method would make a reference cycle
+        self.add_notice_handler(lambda diag: _on_notice(ref, diag))
+
+    @property
+    def commit_sent(self) -> bool:
+        """Whether the current transaction's ``COMMIT`` (or something that may commit) was sent."""
+        return self.commits_sent != self.transaction_commits
+
+    def _may_commit(self) -> None:
+        self.commits_sent += 1
+
+    def _note_statement(self, query: Any) -> None:
+        if self.autocommit:  # the statement is a transaction of its own
+            self.transaction_commits = self.commits_sent
+            self.commits_sent += 1
+            return
+        if self.pgconn.transaction_status == _IDLE:
+            self.transaction_commits = self.commits_sent  # psycopg is about to send BEGIN
+        if _ends_transaction(query, self):
+            self.commits_sent += 1
+
+    async def commit(self) -> None:
+        if self.pgconn.transaction_status != _IDLE:
+            if not _socket_alive(self) or self.ended_by_server:
+                # The server spoke while the transaction waited for us: a backend ending the
+                # session (57P01 after a postmaster crash) or a reset. COMMIT never left.
+                raise psycopg.OperationalError("the server closed the connection before COMMIT was sent")
+            self.commits_sent += 1
+        await super().commit()
+
+    async def tpc_prepare(self) -> None:
+        self.commits_sent += 1
+        await super().tpc_prepare()
+
+    async def tpc_commit(self, xid: Any = None) -> None:
+        self.commits_sent += 1
+        await super().tpc_commit(xid)
+
+    @asynccontextmanager
+    async def transaction(self, savepoint_name: str | None = None, force_rollback: bool = False) -> AsyncIterator[Any]:
+        outermost = self.pgconn.transaction_status == _IDLE
+        if outermost:
+            self.transaction_commits = self.commits_sent
+        async with super().transaction(savepoint_name, force_rollback) as tx:
+            yield tx
+            if outermost and not force_rollback:
+                self.commits_sent += 1  # leaving the block sends COMMIT
+
+
+class _TrackedCursor(AsyncCursor[Any]):
+    """The cursor of :class:`FailoverConnection`: tells it about every statement sent."""
+
+    async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        _note(self._conn, query)
+        return await super().execute(query, params, **kwargs)
+
+    async def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
+        _note(self._conn, query)
+        await super().executemany(query, params_seq, **kwargs)
+
+    async def stream(self, query: Any, params: Any = None, **kwargs: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+        _note(self._conn, query)
+        async for row in super().stream(query, params, **kwargs):
+            yield row
+
+
+def _note(conn: Any, query: Any) -> None:
+    if isinstance(conn, FailoverConnection):
+        conn._note_statement(query)
+
+
+def _ends_transaction(query: Any, conn: AsyncConnection[Any]) -> bool:
+    if isinstance(query, str):
+        text = query
+    elif isinstance(query, bytes | bytearray | memoryview):
+        text = bytes(query).decode("utf-8", "replace")
+    else:
+        try:
+            text = query.as_string(conn)
+        except Exception:
+            return True  # cannot tell: assume the worst
+    return _ENDS_TRANSACTION.search(text) is not None
+
+
+def _on_notice(ref: weakref.ReferenceType[FailoverConnection], diag: psycopg.errors.Diagnostic) -> None:
+    # PostgreSQL's sync-replication wait, cut short by a cancel or a shutdown, warns
+    # "The transaction has already committed locally, but might not have been replicated
+    # to the standby" (sqlstate 57P01 when terminating). Whatever failure follows, the
+    # outcome is unknown, never "rolled back".
+    # A FATAL error that arrives while the connection is idle (libpq hands it to the notice
+    # handler) is the server saying goodbye: COMMIT must not be sent as if nothing happened.
+    detail = diag.message_detail or ""
+    severity = diag.severity_nonlocalized
+    conn = ref()
+    if conn is None:
+        return
+    if severity in ("FATAL", "PANIC"):
+        conn.ended_by_server = True
+    elif severity == "WARNING" and ((diag.sqlstate or "").startswith("57") or "committed locally" in detail):
+        conn.commits_sent += 1
+
+
+def may_have_committed(conn: AsyncConnection[Any], since: int | None = None) -> bool:
+    """Whether *conn* sent anything that may have committed since *since*
+    (default: since its current transaction began). True for a foreign connection."""
+    if not isinstance(conn, FailoverConnection):
+        return True
+    start = conn.transaction_commits if since is None else since
+    return conn.commits_sent != start
 
 
 class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
@@ -88,6 +260,20 @@ class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
         async with asyncio.timeout(self.connect_timeout):
             return await AsyncConnection.connect(endpoint.url, **self._connect_kwargs(), **kwargs)
 
+    async def connect(self, endpoint: Endpoint, **kwargs: Any) -> FailoverConnection:
+        """A new, unpooled :class:`FailoverConnection` to *endpoint* (SQLAlchemy's pool uses this).
+
+        Raises the internal not-sent error when the server cannot be reached, so
+        the router tries the other endpoint.
+        """
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                conn = await FailoverConnection.connect(endpoint.url, **self._connect_kwargs(), **kwargs)
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            raise _NotSent(f"cannot connect: {exc}", exc) from exc
+        conn.endpoint = endpoint
+        return conn
+
     async def pool(self, endpoint: Endpoint) -> psycopg_pool.AsyncConnectionPool:
         """The pool of *endpoint*, created on first use.
 
@@ -111,6 +297,8 @@ class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
                 min_size=self.pool_min_size,
                 max_size=self.pool_max_size,
                 kwargs=self._connect_kwargs(),
+                connection_class=FailoverConnection,
+                configure=_EndpointTag(endpoint),
                 open=False,
                 name=f"failover-{endpoint.store}-{endpoint.role}",
                 timeout=30.0,
@@ -223,6 +411,19 @@ class PostgresBackend(Backend[psycopg_pool.AsyncConnectionPool]):
         return {str(role): pool.get_stats() for role, pool in self._pools.items()}
 
 
+class _EndpointTag:
+    """Pool ``configure`` callback: tag each new connection with its endpoint."""
+
+    __slots__ = ("endpoint",)
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, conn: AsyncConnection[Any]) -> None:
+        if isinstance(conn, FailoverConnection):
+            conn.endpoint = self.endpoint
+
+
 class _Deadline:
     """Cut a connection's socket when its time is up.
 
@@ -264,6 +465,39 @@ class _Deadline:
 
 def _nothing() -> None:
     pass
+
+
+def _committed_before(conn: AsyncConnection[Any]) -> bool:
+    """Whether a transaction committed on *conn* since failover handed it out, before the current one."""
+    if not isinstance(conn, FailoverConnection):
+        return True
+    return conn.transaction_commits != conn.block_commits
+
+
+class _Runs:
+    """The runs of one transaction: bounded in number and by a deadline, with jittered backoff."""
+
+    __slots__ = ("attempts", "deadline", "number")
+
+    def __init__(self, budget: float, attempts: int = DEFAULT_TRANSACTION_ATTEMPTS) -> None:
+        self.deadline = time.monotonic() + budget
+        self.attempts = attempts
+        self.number = 1  # the run under way
+
+    def remaining(self) -> float:
+        return max(0.001, self.deadline - time.monotonic())
+
+    async def another(self) -> bool:
+        """Pause before the next run; False when no run or not enough time is left."""
+        if self.number >= self.attempts:
+            return False
+        # "Full jitter": contenders that failed together do not retry together.
+        pause = random.uniform(0.0, min(DEFAULT_BACKOFF_CAP, DEFAULT_BACKOFF_BASE * 2 ** (self.number - 1)))
+        if self.deadline - time.monotonic() - pause < _MIN_ATTEMPT:
+            return False
+        await asyncio.sleep(pause)
+        self.number += 1
+        return True
 
 
 def _idempotent(query: Any, declared: bool | None) -> bool:
@@ -321,8 +555,11 @@ class PostgresStore:
 
         Raises:
             NoEndpointAvailable: no endpoint could give a connection.
-            OutcomeUnknown: the connection failed while the block ran; the
-                transaction may or may not have been committed.
+            TransactionRolledBack: the connection failed (or the server ended the
+                session) before ``COMMIT`` was sent; nothing was committed and
+                the block may run again (:meth:`run_transaction` does that).
+            OutcomeUnknown: the connection failed while committing (or after the
+                block committed by itself); it may or may not have been committed.
             OperationTimeout: the block ran past its deadline.
         """
         budget = self.failover.options.operation_timeout if timeout is None else timeout
@@ -335,6 +572,7 @@ class PostgresStore:
     async def _connection_block(self, budget: float, started: float) -> AsyncIterator[AsyncConnection[Any]]:
         conn, pool, endpoint = await self._lease(budget)
         deadline = _Deadline(conn, budget - (time.monotonic() - started))
+        block_commits = conn.block_commits = conn.commits_sent if isinstance(conn, FailoverConnection) else 0
         healthy_exit = False
         try:
             try:
@@ -355,6 +593,13 @@ class PostgresStore:
             mapped = self.failover.lost_during(endpoint, exc, "transaction")
             if mapped is exc:
                 raise
+            if isinstance(mapped, OutcomeUnknown) and not may_have_committed(conn, block_commits):
+                raise TransactionRolledBack(
+                    f"{self.failover.name}: connection to {endpoint.name} failed before COMMIT was sent; "
+                    f"the transaction was rolled back and can be run again ({self.failover.describe(endpoint, exc)})",
+                    store=self.failover.name,
+                    endpoint=endpoint.name,
+                ) from exc
             raise mapped from exc
         finally:
             deadline.cancel()
@@ -371,7 +616,8 @@ class PostgresStore:
             conn, pool = await self.backend.acquire(endpoint, budget, store.options.probe_timeout)
             deadline = _Deadline(conn)  # cut by the attempt's clock at its deadline
 
-            ok = False
+            ok = committing = False
+            since = conn.commits_sent if isinstance(conn, FailoverConnection) else 0
             try:
                 cur = await conn.execute(query, params)
                 if fetch == "all":
@@ -380,12 +626,21 @@ class PostgresStore:
                     result = await cur.fetchone()
                 else:
                     result = cur.rowcount
+                committing = True
                 await conn.commit()
                 ok = True
                 return result
             except (psycopg.Error, OSError) as exc:
                 if deadline.fired:
                     raise TimeoutError("the statement ran past its deadline") from exc
+                if (
+                    not committing
+                    and not may_have_committed(conn, since)
+                    and self.backend.classify(exc) is ErrorKind.OUTCOME_UNKNOWN
+                ):
+                    # Lost (or told the session is over, class 57) before COMMIT: rolled back,
+                    # so running it on the other endpoint cannot apply it twice.
+                    raise _RolledBack(f"rolled back, COMMIT was never sent: {exc}", exc) from exc
                 raise
             finally:
                 deadline.cancel()
@@ -411,8 +666,10 @@ class PostgresStore:
     ) -> int:
         """Run one statement in its own transaction; return the row count.
 
-        Pass ``idempotent=True`` when running it twice is harmless (an UPSERT to
-        a fixed value), so a connection failure may be retried on the other endpoint.
+        A connection failure before the statement's ``COMMIT`` was sent (its
+        transaction rolled back) sends it to the other endpoint. Pass
+        ``idempotent=True`` when running it twice is harmless (an UPSERT to a fixed
+        value), so that even a failure while committing is retried there.
         """
         return int(await self._statement(query, params, "none", idempotent, timeout))
 
@@ -428,7 +685,8 @@ class PostgresStore:
 
         *idempotent* defaults to True for statements that only read (``SELECT``,
         ``SHOW``, ``VALUES``, ``TABLE``, ``EXPLAIN``), which are then retried on the
-        other endpoint after a connection failure; an ``INSERT ... RETURNING`` is not.
+        other endpoint after any connection failure; an ``INSERT ... RETURNING`` only
+        when its transaction was rolled back (the failure came before ``COMMIT``).
         """
         return list(await self._statement(query, params, "all", _idempotent(query, idempotent), timeout))
 
@@ -442,6 +700,80 @@ class PostgresStore:
     ) -> Any:
         """Like :meth:`fetch`, returning the first row or None."""
         return await self._statement(query, params, "one", _idempotent(query, idempotent), timeout)
+
+    async def run_transaction(
+        self,
+        fn: Callable[Concatenate[AsyncConnection[Any], P], Awaitable[T]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run ``await fn(conn, *args, **kwargs)`` in a transaction; run it again when that is safe.
+
+        The transaction runs on the active endpoint and commits when *fn* returns.
+        It runs again, on whichever endpoint is active by then, when it was
+        rolled back: a connection failure before ``COMMIT`` was sent
+        (:class:`~failover.errors.TransactionRolledBack`), a serialization failure
+        (``40001``) or a deadlock (``40P01``). At most
+        :data:`DEFAULT_TRANSACTION_ATTEMPTS` runs, all within
+        ``FAILOVER_OPERATION_TIMEOUT``, with a jittered, doubling pause between them.
+        *fn* never runs again once ``COMMIT`` was sent: a failure then raises
+        :class:`~failover.errors.OutcomeUnknown`. *fn* must not commit by itself
+        (nor have effects outside the database that must not happen twice).
+
+        Returns *fn*'s result. Raises the last error when no run succeeded.
+        """
+        runs = _Runs(self.failover.options.operation_timeout)
+        while True:
+            conn: AsyncConnection[Any] | None = None
+            try:
+                async with self.connection(timeout=runs.remaining()) as conn:
+                    return await fn(conn, *args, **kwargs)
+            except TransactionRolledBack as exc:
+                error: BaseException = exc
+            except psycopg.Error as exc:
+                # The server answered: this transaction was rolled back. Safe to run again
+                # unless fn committed an earlier transaction of its own on this connection.
+                if exc.sqlstate not in _REPLAY_SQLSTATES or conn is None or _committed_before(conn):
+                    raise
+                error = exc
+            if not await runs.another():
+                raise error
+            logger.info("running the transaction again (run %d of at most %d) after %s", runs.number, runs.attempts, type(error).__name__)
+
+    def sqlalchemy_engine(self, **engine_kwargs: Any) -> Any:
+        """An SQLAlchemy ``AsyncEngine`` (``postgresql+psycopg``) on the active endpoint.
+
+        Needs ``pip install failover[sqlalchemy]``. Its pool gets its connections
+        from the active endpoint, drops them when the store switches, and its
+        disconnects feed the breaker. *engine_kwargs* go to
+        ``create_async_engine`` (``pool_size``, ``echo``, ...). See
+        :mod:`failover.stores.postgres_sqlalchemy`.
+        """
+        from .postgres_sqlalchemy import create_engine
+
+        return create_engine(self, **engine_kwargs)
+
+    async def run_session_transaction(
+        self,
+        session_factory: Callable[[], Any],
+        fn: Callable[[Any], Awaitable[T]],
+        *,
+        idempotent: bool = False,
+        timeout: float | None = None,
+    ) -> T:
+        """:meth:`run_transaction` for SQLAlchemy: ``await fn(session)`` inside ``session.begin()``.
+
+        *session_factory* is an ``async_sessionmaker`` bound to :meth:`sqlalchemy_engine`'s
+        engine; each run gets a new session. Runs again when the transaction was
+        rolled back (connection lost before ``COMMIT``, ``40001``, ``40P01``); with
+        ``idempotent=True`` also after a failure while committing (when *fn*
+        writes only rows whose keys it chose beforehand, e.g. with ``session.merge``).
+        Returns *fn*'s result.
+        """
+        from .postgres_sqlalchemy import run_session_transaction
+
+        return await run_session_transaction(self, session_factory, fn, idempotent=idempotent, timeout=timeout)
 
     @property
     def active_endpoint(self) -> Endpoint | None:

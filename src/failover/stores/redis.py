@@ -37,7 +37,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -63,6 +63,7 @@ from ..core.events import EventBus
 from ..core.sockets import hung_up_or_pending
 from ..core.attempt import attempt_deadline
 from ..core.store import Backend, ErrorKind, FailoverStore, StoreOptions
+from .redis_capture import BLOCKING_POLL_INTERVAL, Polled, RedisCapture
 
 __all__ = ["IDEMPOTENT_COMMANDS", "PoolExhausted", "RedisBackend", "RedisPipeline", "RedisStore", "create", "is_idempotent"]
 
@@ -467,6 +468,8 @@ class RedisStore(AsyncCoreCommands):  # type: ignore[misc]
     def __init__(self, store: FailoverStore[Any], backend: RedisBackend) -> None:
         self.failover = store
         self.backend = backend
+        # Change capture of writes served by the fallback (None: reconcile is off).
+        self.capture: Any = store.reconciler.capture if store.reconciler is not None else None
 
     def __repr__(self) -> str:
         return f"<RedisStore {self.failover.status()['current_db']!r}>"
@@ -491,12 +494,35 @@ class RedisStore(AsyncCoreCommands):  # type: ignore[misc]
 
     async def _execute(self, args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, Role]:
         backend = self.backend
+        capture = self.capture
 
         async def run(endpoint: Endpoint) -> tuple[Any, Role]:
+            if capture is not None and endpoint.role is Role.FALLBACK:
+                # Writes on the fallback carry their capture mark (see redis_capture).
+                return await capture.execute(backend, endpoint, args, options), endpoint.role
             return await backend.execute(endpoint, args, dict(options)), endpoint.role
 
         label = _command_name(args[0]) if args else "command"
-        return await self.failover.run(run, idempotent=is_idempotent(args), label=f"Redis {label}")
+        result = await self.failover.run(run, idempotent=is_idempotent(args), label=f"Redis {label}")
+        if type(result[0]) is Polled:
+            return await self._poll(run, args, label, result)
+        return result
+
+    async def _poll(
+        self, run: Callable[[Endpoint], Awaitable[tuple[Any, Role]]], args: tuple[Any, ...], label: str, first: tuple[Any, Role]
+    ) -> tuple[Any, Role]:
+        """A blocking command (``BLPOP``...) served by the fallback: inside the capture's
+        ``MULTI`` it answers at once, so it is tried again until its own timeout. Each try is
+        a routed operation of its own: a failback in between sends the next try to the primary."""
+        polled: Polled = first[0]
+        deadline = None if polled.timeout <= 0 else time.monotonic() + polled.timeout
+        result = first
+        while type(result[0]) is Polled:
+            if deadline is not None and time.monotonic() >= deadline:
+                return result[0].reply, result[1]
+            await asyncio.sleep(BLOCKING_POLL_INTERVAL)
+            result = await self.failover.run(run, idempotent=is_idempotent(args), label=f"Redis {label}")
+        return result
 
     # --- iteration and pipelines ----------------------------------------------------------
 
@@ -631,6 +657,10 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
             self._bound = await store.run(bind, idempotent=True, label="Redis WATCH")
         endpoint, pipe = self._bound
         try:
+            capture = self._store.capture
+            if capture is not None and endpoint.role is Role.FALLBACK:
+                # Outside MULTI on a watched connection: the mark goes just before the write.
+                await capture.mark_before(pipe, args)
             return await pipe.immediate_execute_command(*args, **options)
         except Exception as exc:
             mapped = store.lost_during(endpoint, exc, f"Redis {_command_name(args[0])}")
@@ -645,8 +675,11 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
         try:
             if self._bound is not None:
                 endpoint, pipe = self._bound
-                pipe.command_stack = stack
+                capture = self._store.capture
                 try:
+                    if capture is not None and endpoint.role is Role.FALLBACK:
+                        return await capture.execute_bound(pipe, stack, raise_on_error)
+                    pipe.command_stack = stack
                     return await pipe.execute(raise_on_error=raise_on_error)
                 except Exception as exc:
                     mapped = store.lost_during(endpoint, exc, "Redis pipeline")
@@ -656,8 +689,11 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
             if not stack:
                 return []
             transaction = self.is_transaction or self.explicit_transaction
+            capture = self._store.capture
 
             async def run(endpoint: Endpoint) -> list[Any]:
+                if capture is not None and endpoint.role is Role.FALLBACK:
+                    return await capture.execute_pipeline(backend, endpoint, stack, transaction, raise_on_error)
                 return await backend.execute_pipeline(endpoint, stack, transaction, raise_on_error)
 
             idempotent = all(is_idempotent(args) for args, _ in stack)
@@ -690,4 +726,7 @@ def create(
         connect_timeout=settings.connect_timeout,
         socket_timeout=None,  # every routed command and probe is bounded by its attempt clock
     )
-    return RedisStore(FailoverStore(backend, endpoints, options, bus=bus, clock=clock), backend)
+    capture = None
+    if options.reconcile and len(endpoints) == 2:
+        capture = RedisCapture(connect_timeout=settings.connect_timeout)
+    return RedisStore(FailoverStore(backend, endpoints, options, bus=bus, clock=clock, capture=capture), backend)

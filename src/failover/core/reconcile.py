@@ -31,7 +31,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -266,7 +266,7 @@ class Reconciler:
         self.hold_durations: list[float] = []
         self._rate = 0.0
         self._task: asyncio.Task[None] | None = None
-        self._on_hold_measured: list[Callable[[float], None]] = []
+        self._refreshing: asyncio.Task[Any] | None = None
 
     # --- endpoints --------------------------------------------------------------------------
 
@@ -297,6 +297,12 @@ class Reconciler:
             self.last_error = self._store.describe(self._fallback, exc)
             logger.warning("%s: preparing change capture on %s failed: %s", self._store.name, self._fallback.name, self.last_error)
 
+    def refresh(self, primary_usable: bool) -> None:
+        """:meth:`prepare` in the background (a probe round never waits for it)."""
+        if self.running or (self._refreshing is not None and not self._refreshing.done()):
+            return
+        self._refreshing = self._store._spawn(self.prepare(primary_usable), "refresh change capture")
+
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
@@ -309,11 +315,12 @@ class Reconciler:
         self._task = task
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for task in (self._task, self._refreshing):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._task = self._refreshing = None
 
     # --- the run ----------------------------------------------------------------------------
 
@@ -421,34 +428,42 @@ class Reconciler:
         return batch.applied, len(batch.conflicts)
 
     async def _final_catch_up(self) -> tuple[bool, int, int, float]:
-        """Hold new operations, wait for the ones in flight, copy the rest, switch."""
+        """Hold new operations, wait for the ones in flight, copy the rest, switch.
+
+        The copy runs as a task of its own: when the hold runs out the gate opens at
+        once, whatever a cancelled driver call still waits for (a hung primary).
+        """
         store = self._store
-        applied = conflicts = 0
         started = time.monotonic()
-        deadline = started + self.hold
         ok = False
+        counts = [0, 0]
+
+        async def catch_up() -> None:
+            await store.admission.idle()
+            while True:
+                backlog = await self.capture.backlog(self._fallback)
+                self.backlog = backlog
+                if backlog == 0:
+                    return
+                a, c = await self._batch()
+                counts[0] += a
+                counts[1] += c
+
         async with store.admission.hold():
-            try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    await store.admission.idle()
-                    while True:
-                        backlog = await self.capture.backlog(self._fallback)
-                        self.backlog = backlog
-                        if backlog == 0:
-                            break
-                        a, c = await self._batch()
-                        applied += a
-                        conflicts += c
-                ok = store.switch.finish_reconcile(True, "reconciled: every write made on the fallback is on the primary") is not None
-                ok = ok and store.switch.state is SwitchState.ON_PRIMARY
-            except TimeoutError:
-                ok = False
+            task = asyncio.get_running_loop().create_task(catch_up(), name=f"failover-{store.name}-catch-up")
+            done, _pending = await asyncio.wait({task}, timeout=self.hold)
+            if task in done and task.exception() is None:
+                store.switch.finish_reconcile(True, "reconciled: every write made on the fallback is on the primary")
+                ok = store.switch.state is SwitchState.ON_PRIMARY
+            elif task in done:
+                raise task.exception()  # type: ignore[misc]
+            else:
+                task.cancel()  # copying again later is harmless: final states, idempotent
+                task.add_done_callback(_consume)
         held = time.monotonic() - started
         self.hold_durations.append(held)
         del self.hold_durations[:-200]
-        for callback in self._on_hold_measured:
-            callback(held)
-        return ok, applied, conflicts, held
+        return ok, counts[0], counts[1], held
 
     # --- reading --------------------------------------------------------------------------
 
@@ -468,6 +483,11 @@ class Reconciler:
         }
         doc.update(self.capture.describe())
         return doc
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it as never retrieved
 
 
 class Admission:

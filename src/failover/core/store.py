@@ -292,7 +292,7 @@ class FailoverStore(Generic[ClientT]):
             self.health[result.role].record_probe(result)
         if not evaluate:
             return
-        await self._prepare_reconcile()
+        self._refresh_capture()
         primary = self.health.get(Role.PRIMARY)
         if (
             self.switch.state is SwitchState.ON_FALLBACK
@@ -311,17 +311,28 @@ class FailoverStore(Generic[ClientT]):
         self.switch.evaluate()
         self._maybe_reconcile()
 
+    def _usable(self, role: Role) -> bool:
+        probe = self.health[role].last_probe
+        return bool(probe and probe.usable)
+
     async def _prepare_reconcile(self) -> int:
-        """Keep capture installed on a usable fallback; return the backlog seen (0 if unknown)."""
+        """At start: install capture on a usable fallback; return the backlog seen (0 if unknown)."""
         reconciler = self.reconciler
-        if reconciler is None or reconciler.running:
+        if reconciler is None or not self._usable(Role.FALLBACK):
             return 0
-        fallback = self.health[Role.FALLBACK]
-        if not (fallback.last_probe and fallback.last_probe.usable):
-            return 0
-        primary = self.health[Role.PRIMARY]
-        await reconciler.prepare(bool(primary.last_probe and primary.last_probe.usable))
+        try:
+            async with asyncio.timeout(max(5.0, self.options.probe_timeout * 4)):
+                await reconciler.prepare(self._usable(Role.PRIMARY))
+        except TimeoutError:
+            reconciler.last_error = f"installing change capture on {self.endpoints[Role.FALLBACK].name} timed out"
+            logger.warning("%s: %s; retrying at the next probe round", self.name, reconciler.last_error)
         return reconciler.backlog or 0
+
+    def _refresh_capture(self) -> None:
+        """Keep capture installed (new tables) and the backlog known, without blocking the probe round."""
+        reconciler = self.reconciler
+        if reconciler is not None and self._usable(Role.FALLBACK):
+            reconciler.refresh(self._usable(Role.PRIMARY))
 
     def _maybe_reconcile(self) -> None:
         """Start a run when the switch waits for one, or to sweep writes other processes left."""

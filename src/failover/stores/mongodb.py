@@ -57,7 +57,7 @@ import socket
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
@@ -75,6 +75,9 @@ from ..core.clock import Clock
 from ..core.endpoint import Endpoint, Role
 from ..core.events import EventBus
 from ..core.store import Backend, ErrorKind, FailoverStore, StoreOptions
+
+if TYPE_CHECKING:
+    from .mongodb_capture import MongoJournal
 
 __all__ = [
     "MongoBackend",
@@ -582,15 +585,25 @@ class RoutedCollection:
 
 
     async def _run(
-        self, call: Callable[[AsyncCollection[Any]], Awaitable[T]], *, idempotent: bool, label: str
+        self,
+        call: Callable[[AsyncCollection[Any]], Awaitable[T]],
+        *,
+        idempotent: bool,
+        label: str,
+        write: tuple[str, tuple[Any, ...], dict[str, Any]] | None = None,
     ) -> T:
         store = self.database.mongo.failover
         backend = self.database.mongo.backend
+        journal = self.database.mongo.journal if write is not None else None
 
         async def attempt(endpoint: Endpoint) -> T:
             entry = await backend.take(endpoint)
             try:
                 collection = entry.collection(_database_name(endpoint, self.database.name), self.name, self._options)
+                if journal is not None and endpoint.role is Role.FALLBACK and journal.captures(self.name):
+                    # Writes on the fallback are journaled so they reach the primary before failback.
+                    method, args, kwargs = write  # type: ignore[misc]
+                    return await journal.write(entry.client, endpoint, self.database.name, collection, method, args, kwargs)  # type: ignore[no-any-return]
                 return await call(collection)
             finally:
                 backend.give_back(entry)
@@ -600,8 +613,15 @@ class RoutedCollection:
     async def _read(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return await self._run(lambda c: getattr(c, method)(*args, **kwargs), idempotent=True, label=method)
 
-    async def _write(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], idempotent: bool) -> Any:
-        return await self._run(lambda c: getattr(c, method)(*args, **kwargs), idempotent=idempotent, label=method)
+    async def _write(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], idempotent: bool, *, captured: bool = True
+    ) -> Any:
+        return await self._run(
+            lambda c: getattr(c, method)(*args, **kwargs),
+            idempotent=idempotent,
+            label=method,
+            write=(method, args, kwargs) if captured else None,
+        )
 
     async def _batched_write(
         self, method: str, requests: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any], idempotent: bool
@@ -614,7 +634,7 @@ class RoutedCollection:
                     raise _MaybePartlyApplied(f"{method} refused part-way: {exc}") from exc
                 raise
 
-        return await self._run(call, idempotent=idempotent, label=method)
+        return await self._run(call, idempotent=idempotent, label=method, write=(method, (requests, *args), kwargs))
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -687,17 +707,17 @@ class RoutedCollection:
 
     async def create_index(self, keys: Any, **kwargs: Any) -> str:
         """Creating an index that exists is a no-op, so this is retried like a read."""
-        return str(await self._write("create_index", (keys,), kwargs, True))
+        return str(await self._write("create_index", (keys,), kwargs, True, captured=False))
 
     async def create_indexes(self, indexes: Any, **kwargs: Any) -> list[str]:
-        return list(await self._write("create_indexes", (list(indexes),), kwargs, True))
+        return list(await self._write("create_indexes", (list(indexes),), kwargs, True, captured=False))
 
     async def drop_index(self, index: Any, **kwargs: Any) -> None:
-        await self._write("drop_index", (index,), kwargs, False)
+        await self._write("drop_index", (index,), kwargs, False, captured=False)
 
     async def drop(self, **kwargs: Any) -> None:
         """Dropping twice leaves the same state, so this is retried like a read."""
-        await self._write("drop", (), kwargs, True)
+        await self._write("drop", (), kwargs, True, captured=False)
 
 
 class RoutedDatabase:
@@ -760,9 +780,11 @@ class MongoStore:
         backend: the :class:`MongoBackend` holding a client per endpoint.
     """
 
-    def __init__(self, store: FailoverStore[Any], backend: MongoBackend) -> None:
+    def __init__(self, store: FailoverStore[Any], backend: MongoBackend, journal: MongoJournal | None = None) -> None:
         self.failover = store
         self.backend = backend
+        self.journal = journal
+        """Records writes sent to the fallback for reconcile (None when ``FAILOVER_RECONCILE=false``)."""
         self._database = RoutedDatabase(self)
 
     @property
@@ -803,4 +825,11 @@ def create(
         # closed", which would read as "never sent" and run the write a second time.
         drain_grace=max(DEFAULT_DRAIN_GRACE, settings.operation_timeout + 1.0),
     )
-    return MongoStore(FailoverStore(backend, endpoints, options, bus=bus, clock=clock), backend)
+    journal = capture = None
+    if options.reconcile and len(endpoints) == 2:
+        from .mongodb_capture import MongoCapture, MongoJournal
+
+        journal = MongoJournal(operation_timeout=options.operation_timeout)
+        capture = MongoCapture(journal, connect_timeout=settings.connect_timeout)
+    store = FailoverStore(backend, endpoints, options, bus=bus, clock=clock, capture=capture)
+    return MongoStore(store, backend, journal)

@@ -10,6 +10,10 @@ lock on the fallback (as another process would): the store then stays
 ``RECONCILING`` with traffic on the fallback until the lock is released, which
 leaves time to look at every surface and to write the conflicting row on the
 primary. No test waits by sleeping: each polls for its condition with a deadline.
+
+The items resource: its table, created on a fallback after capture was installed,
+is captured from its first write; an item written while every store is down is
+whole after failback (an xfail, not a pass, on a tree where MongoDB or Redis capture is off).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from failover.core.events import Event, StateChanged
 from failover.local import LocalServer
 from failover.service import create_app
 from failover.stores.postgres_capture import _LOCK_KEY
-from tests.helpers import wait_for
 from tests.integration.test_cli import clean_env, run_cli
 from tests.integration.test_service import _sample, databases_of, http_server, serving, stack_settings, wait_status
 
@@ -219,3 +222,66 @@ async def test_reconcile_off_shows_in_every_surface(pg_pair: Pair) -> None:
         assert state["conflicts"] == [] and state["reconcile_runs"] == {}
         metrics = (await client.get("/metrics")).text
         assert _sample(metrics, "failover_reconcile_backlog", store="postgres") is None
+
+
+async def test_items_table_created_on_a_fallback_without_event_triggers_is_captured_from_its_first_write(
+    pg_pair: Pair,
+) -> None:
+    """A fallback user that may not create event triggers: the items table, created after capture was
+    installed, is protected right after its creation, not at the next (30 s away) probe round."""
+    primary, fallback = pg_pair
+    async with await psycopg.AsyncConnection.connect(fallback.url, autocommit=True) as admin:
+        await admin.execute("create role app login")
+        await admin.execute("grant create on database postgres to app")
+        await admin.execute("grant create on schema public to app")
+    app_url = fallback.url.replace("postgresql://postgres@", "postgresql://app@")
+    assert app_url != fallback.url
+    await asyncio.to_thread(primary.kill)  # start on the fallback: the table is new there
+    settings = stack_settings(HEALTH_CHECK_INTERVAL=30, SUPABASE_DB_URL=primary.url, POSTGRES_URL=app_url)
+    app = create_app(settings)
+    async with serving(app) as client:
+        reconcile = databases_of(app).status()["postgres"]["reconcile"]
+        assert reconcile["capture_installed"] is True
+        assert reconcile["new_tables_protected"] == "at the next probe round"  # no event trigger for this user
+        created = await client.post("/api/v1/items", json={"name": "first-write"})
+        assert created.status_code == 201 and created.json()["stores"]["postgres"]["served_by"] == "fallback"
+        async with await psycopg.AsyncConnection.connect(fallback.url) as conn:
+            cur = await conn.execute("select count(*) from failover.changes where tbl = 'public.items'")
+            assert await cur.fetchone() == (1,)
+
+
+async def test_an_item_written_during_an_outage_of_every_store_is_whole_after_failback(
+    pg_pair: Pair, mongo_pair: Pair, redis_pair: Pair
+) -> None:
+    app = create_app(stack_settings(pg_pair, mongo_pair, redis_pair), item_ttl=600)
+    primaries = (pg_pair[0], mongo_pair[0], redis_pair[0])
+    async with serving(app) as client:
+        status = databases_of(app).status()
+        assert status["postgres"]["reconcile"]["enabled"] is True
+        missing = [n for n in ("mongodb", "redis") if not status[n]["reconcile"]["enabled"]]
+        if missing:  # reported as XFAIL, never as a pass: the whole item needs every store's capture
+            pytest.xfail(f"change capture of {' and '.join(missing)} is not wired yet (issue 10)")
+        assert (await client.post("/api/v1/items", json={"name": "before"})).status_code == 201
+        for server in primaries:
+            await asyncio.to_thread(server.kill)
+        await wait_status(
+            app, lambda s: all(s[n]["state"] == "ON_FALLBACK" for n in ("postgres", "mongodb", "redis")), "all on fallbacks"
+        )
+        created = await client.post("/api/v1/items", json={"name": "outage", "payload": {"k": 1}})
+        assert created.status_code == 201, created.text
+        item = created.json()
+        assert {s: v["served_by"] for s, v in item["stores"].items()} == {
+            "postgres": "fallback", "mongodb": "fallback", "redis": "fallback"
+        }
+        for server in primaries:
+            await asyncio.to_thread(server.start)
+        await wait_status(app, lambda s: s["overall_status"] == "healthy", "every store back on its primary", timeout=30)
+        read = await client.get(f"/api/v1/items/{item['id']}")
+        assert read.status_code == 200, read.text
+        body = read.json()
+        assert body["name"] == "outage" and body["payload"] == {"k": 1}
+        for store in ("postgres", "mongodb", "redis"):
+            assert body["stores"][store]["found"] is True and body["stores"][store]["served_by"] == "primary", body
+        assert body["stores"]["redis"]["count"] >= 1  # items:count is on the primary (its value: the conflict policy's)
+        ttl = await databases_of(app).redis.ttl(f"item:{item['id']}")
+        assert 0 < ttl <= 600  # the cached copy kept its remaining TTL

@@ -10,6 +10,14 @@ The schema (table, indexes) is created on *both* endpoints of each store at
 startup, directly through each endpoint's URL, and again on any endpoint that
 becomes healthy later (one that was down at startup): after a failover the
 fallback already has the table. Creation is idempotent (``if not exists``).
+
+Every part of an item written during an outage is reconciled into the
+primaries before failback (the row, the document, ``item:{id}`` with its
+remaining TTL and ``items:count``), as any other write of each store. Right
+after the table is created on a fallback, reconcile's capture is refreshed, so
+the new table is protected before its first write even where the fallback's
+user may not create event triggers (which otherwise protect it at the next
+probe round).
 """
 
 from __future__ import annotations
@@ -144,6 +152,8 @@ async def schema_extension(dbs: Databases) -> AsyncIterator[None]:
         try:
             if await ensure_schema(endpoint, timeout):
                 done.add(key)
+                if endpoint.role is Role.FALLBACK:
+                    await _protect(dbs, endpoint.store)
         finally:
             running.discard(key)
 
@@ -175,6 +185,16 @@ async def schema_extension(dbs: Databases) -> AsyncIterator[None]:
         for task in list(tasks):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _protect(dbs: Databases, store: str) -> None:
+    """Refresh change capture on *store*'s fallback, so a table just created there is captured."""
+    failover = dbs.store(store)
+    reconciler = failover.reconciler
+    if reconciler is None or reconciler.running:
+        return  # no capture, or a run under way (each probe round refreshes it anyway)
+    primary = failover.health.get(Role.PRIMARY)
+    await reconciler.prepare(bool(primary is not None and primary.last_probe and primary.last_probe.usable))
 
 
 # --- the resource ------------------------------------------------------------------------

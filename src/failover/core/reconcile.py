@@ -218,6 +218,27 @@ class Capture(abc.ABC):
         """Store-specific details for the status document (e.g. unprotected tables)."""
         return {}
 
+    async def watermark(self, fallback: Endpoint) -> Any | None:
+        """The position of the newest captured change now, or None when the store has no order.
+
+        The final catch-up of a reconcile copies what was captured up to this mark
+        (every write of this process is below it: they are held and none is in
+        flight); changes captured later come from other processes still on the
+        fallback and stay for them, so their traffic cannot keep this failback
+        from finishing. With None, the catch-up copies until the backlog is empty.
+        """
+        return None
+
+    async def backlog_upto(self, fallback: Endpoint, watermark: Any) -> int:
+        """Captured keys at or below *watermark* (see :meth:`watermark`)."""
+        return await self.backlog(fallback)
+
+    async def apply_upto(
+        self, primary: Endpoint, fallback: Endpoint, policy: ConflictPolicy, limit: int, watermark: Any
+    ) -> BatchResult:
+        """:meth:`apply_batch` restricted to keys captured at or below *watermark*."""
+        return await self.apply_batch(primary, fallback, policy, limit)
+
     async def after_reconcile(self, primary: Endpoint, fallback: Endpoint) -> None:
         """Called once the backlog is empty and traffic is back on the primary."""
 
@@ -407,10 +428,12 @@ class Reconciler:
                     )
                 )
 
-    async def _batch(self) -> tuple[int, int]:
-        batch = await self._step(
-            self.capture.apply_batch(self._primary, self._fallback, self.policy, self.batch_size)
-        )
+    async def _batch(self, watermark: Any | None = None) -> tuple[int, int]:
+        if watermark is None:
+            call = self.capture.apply_batch(self._primary, self._fallback, self.policy, self.batch_size)
+        else:
+            call = self.capture.apply_upto(self._primary, self._fallback, self.policy, self.batch_size, watermark)
+        batch = await self._step(call)
         self.applied += batch.applied
         self.conflict_count += len(batch.conflicts)
         for conflict in batch.conflicts:
@@ -440,12 +463,15 @@ class Reconciler:
 
         async def catch_up() -> None:
             await store.admission.idle()
+            mark = await self.capture.watermark(self._fallback)
             while True:
-                backlog = await self.capture.backlog(self._fallback)
-                self.backlog = backlog
+                if mark is None:
+                    backlog = self.backlog = await self.capture.backlog(self._fallback)
+                else:
+                    backlog = await self.capture.backlog_upto(self._fallback, mark)
                 if backlog == 0:
                     return
-                a, c = await self._batch()
+                a, c = await self._batch(mark)
                 counts[0] += a
                 counts[1] += c
 

@@ -413,6 +413,25 @@ class PostgresCapture(Capture):
             await conn.commit()
         return int(row[0]) if row else 0
 
+    async def watermark(self, fallback: Endpoint) -> int | None:
+        async with self._using(fallback) as conn:
+            cur = await conn.execute("select coalesce(max(seq), 0) from failover.changes")
+            row = await cur.fetchone()
+            await conn.commit()
+        return int(row[0]) if row else 0
+
+    async def backlog_upto(self, fallback: Endpoint, watermark: Any) -> int:
+        async with self._using(fallback) as conn:
+            cur = await conn.execute("select count(*) from failover.changes where seq <= %s", (watermark,))
+            row = await cur.fetchone()
+            await conn.commit()
+        return int(row[0]) if row else 0
+
+    async def apply_upto(
+        self, primary: Endpoint, fallback: Endpoint, policy: ConflictPolicy, limit: int, watermark: Any
+    ) -> BatchResult:
+        return await self._apply(primary, fallback, policy, limit, watermark)
+
     async def _primary_columns(self, conn: AsyncConnection[Any], table: str) -> list[str]:
         columns = self._columns.get(table)
         if columns is None:
@@ -476,13 +495,14 @@ class PostgresCapture(Capture):
             return await self._apply(primary, fallback, policy, None)
 
     async def _apply(
-        self, primary: Endpoint, fallback: Endpoint, policy: ConflictPolicy, limit: int | None
+        self, primary: Endpoint, fallback: Endpoint, policy: ConflictPolicy, limit: int | None, upto: int | None = None
     ) -> BatchResult:
         result = BatchResult()
         async with self._using(fallback) as fconn:
             cur = await fconn.execute(
                 "select tbl, pk, before, extract(epoch from last_at)::float8, seq from failover.changes "
-                "order by seq" + (" limit %s" % int(limit) if limit is not None else "")
+                "where seq <= %s order by seq" + (" limit %s" % int(limit) if limit is not None else ""),
+                (upto if upto is not None else 2**63 - 1,),
             )
             entries = await cur.fetchall()
             if not entries:

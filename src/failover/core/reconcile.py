@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._urls import redact_text
 from .endpoint import Endpoint, Role
 from .events import ConflictResolved, ReconcileCompleted, ReconcileStarted, SwitchState
 
@@ -284,7 +285,6 @@ class Reconciler:
         self.state = "idle"
         self.last_error: str | None = None
         self.last_run: dict[str, Any] | None = None
-        self.hold_durations: list[float] = []
         self._rate = 0.0
         self._task: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Task[Any] | None = None
@@ -298,6 +298,10 @@ class Reconciler:
     @property
     def _fallback(self) -> Endpoint:
         return self._store.endpoints[Role.FALLBACK]
+
+    def _describe(self, exc: BaseException) -> str:
+        """*exc* in one line, without the secrets of either endpoint (a step may touch both)."""
+        return redact_text(self._store.describe(self._primary, exc), self._fallback.secrets)
 
     async def _step(self, coro: Any) -> Any:
         async with asyncio.timeout(self.step_timeout):
@@ -315,7 +319,7 @@ class Reconciler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self.last_error = self._store.describe(self._fallback, exc)
+            self.last_error = self._describe(exc)
             logger.warning("%s: preparing change capture on %s failed: %s", self._store.name, self._fallback.name, self.last_error)
 
     def refresh(self, primary_usable: bool) -> None:
@@ -393,7 +397,7 @@ class Reconciler:
                 result = "cancelled"
             raise
         except Exception as exc:
-            self.last_error = self._store.describe(self._primary, exc)
+            self.last_error = self._describe(exc)
             result = f"failed: {self.last_error}"
             logger.warning("%s: reconcile failed, traffic stays on the fallback: %s", store.name, self.last_error)
             if gate:
@@ -487,8 +491,6 @@ class Reconciler:
                 task.cancel()  # copying again later is harmless: final states, idempotent
                 task.add_done_callback(_consume)
         held = time.monotonic() - started
-        self.hold_durations.append(held)
-        del self.hold_durations[:-200]
         return ok, counts[0], counts[1], held
 
     # --- reading --------------------------------------------------------------------------

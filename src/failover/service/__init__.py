@@ -25,12 +25,16 @@ from .deps import (
     MongoDatabase,
     PostgresConnection,
     RedisClient,
+    SQLAlchemySession,
+    SQLAlchemySessions,
     failover_lifespan,
     get_databases,
     get_metrics,
     mongo_database,
     postgres_connection,
     redis_client,
+    sqlalchemy_session,
+    sqlalchemy_sessionmaker,
 )
 from .health import health_router
 from .items import items_router
@@ -43,6 +47,8 @@ __all__ = [
     "MongoDatabase",
     "PostgresConnection",
     "RedisClient",
+    "SQLAlchemySession",
+    "SQLAlchemySessions",
     "FailoverMetrics",
     "LocalControl",
     "check_token",
@@ -59,4 +65,6 @@ __all__ = [
     "postgres_connection",
     "redis_client",
     "require_token",
+    "sqlalchemy_session",
+    "sqlalchemy_sessionmaker",
 ]

@@ -33,18 +33,23 @@ __all__ = [
     "MongoDatabase",
     "PostgresConnection",
     "RedisClient",
+    "SQLAlchemySession",
+    "SQLAlchemySessions",
     "failover_lifespan",
     "get_databases",
     "get_metrics",
     "mongo_database",
     "postgres_connection",
     "redis_client",
+    "sqlalchemy_session",
+    "sqlalchemy_sessionmaker",
 ]
 
 logger = logging.getLogger("failover.service")
 
 STATE_DATABASES = "failover_databases"
 STATE_METRICS = "failover_metrics"
+STATE_SQLALCHEMY = "failover_sqlalchemy_sessionmaker"
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Any]]
 Extension = Callable[[Databases], AbstractAsyncContextManager[Any]]
@@ -95,6 +100,7 @@ def failover_lifespan(
                 else:
                     yield None
         finally:
+            await _dispose_sqlalchemy(app)
             await dbs.close()
             metrics.detach()
             logger.info("failover closed")
@@ -156,6 +162,40 @@ def redis_client(request: Request) -> Any:
     return get_databases(request).redis
 
 
+def sqlalchemy_sessionmaker(request: Request) -> Any:
+    """Dependency: the app's SQLAlchemy ``async_sessionmaker`` (``expire_on_commit=False``)
+    bound to ``dbs.postgres.sqlalchemy_engine()``, made on first use and disposed when the
+    app stops. Hand it to ``dbs.postgres.run_session_transaction``. Needs ``failover[sqlalchemy]``.
+
+    To use engine settings of your own, put your sessionmaker on
+    ``app.state.failover_sqlalchemy_sessionmaker`` in your lifespan.
+    """
+    maker = getattr(request.app.state, STATE_SQLALCHEMY, None)
+    if maker is None:
+        from sqlalchemy.ext.asyncio import async_sessionmaker
+
+        engine = get_databases(request).postgres.sqlalchemy_engine()
+        maker = async_sessionmaker(engine, expire_on_commit=False)
+        setattr(request.app.state, STATE_SQLALCHEMY, maker)
+    return maker
+
+
+async def sqlalchemy_session(request: Request) -> AsyncIterator[Any]:
+    """Dependency: an SQLAlchemy ``AsyncSession`` on the active PostgreSQL endpoint, closed
+    (uncommitted work rolled back) after the handler. Commit it yourself, or use
+    ``async with session.begin():``."""
+    async with sqlalchemy_sessionmaker(request)() as session:
+        yield session
+
+
+async def _dispose_sqlalchemy(app: FastAPI) -> None:
+    maker = getattr(app.state, STATE_SQLALCHEMY, None)
+    engine = getattr(maker, "kw", {}).get("bind") if maker is not None else None
+    if engine is not None:
+        with contextlib.suppress(Exception):
+            await engine.dispose()
+
+
 def _function_scoped(dependency: Callable[..., Any]) -> Any:
     """``Depends`` that exits before the response is sent (FastAPI >= 0.121), so a
     transaction is committed, or its failure reported, before the client hears "200"."""
@@ -176,3 +216,11 @@ MongoDatabase = Annotated[Any, Depends(mongo_database)]
 
 RedisClient = Annotated[Any, Depends(redis_client)]
 """Handler parameter type: the routed Redis client (``await redis.incr("k")``)."""
+
+SQLAlchemySession = Annotated[Any, _function_scoped(sqlalchemy_session)]
+"""Handler parameter type: an SQLAlchemy ``AsyncSession`` on the active PostgreSQL endpoint
+(closed before the response is sent)."""
+
+SQLAlchemySessions = Annotated[Any, Depends(sqlalchemy_sessionmaker)]
+"""Handler parameter type: the app's ``async_sessionmaker``, for
+``dbs.postgres.run_session_transaction(sessions, fn)``."""

@@ -467,6 +467,14 @@ def _nothing() -> None:
     pass
 
 
+def _sqlalchemy_integration() -> Any:
+    try:
+        from . import postgres_sqlalchemy
+    except ImportError as exc:
+        raise ImportError("the SQLAlchemy integration needs SQLAlchemy: pip install 'failover[sqlalchemy]'") from exc
+    return postgres_sqlalchemy
+
+
 def _committed_before(conn: AsyncConnection[Any]) -> bool:
     """Whether a transaction committed on *conn* since failover handed it out, before the current one."""
     if not isinstance(conn, FailoverConnection):
@@ -750,9 +758,7 @@ class PostgresStore:
         ``create_async_engine`` (``pool_size``, ``echo``, ...). See
         :mod:`failover.stores.postgres_sqlalchemy`.
         """
-        from .postgres_sqlalchemy import create_engine
-
-        return create_engine(self, **engine_kwargs)
+        return _sqlalchemy_integration().create_engine(self, **engine_kwargs)
 
     async def run_session_transaction(
         self,
@@ -771,9 +777,9 @@ class PostgresStore:
         writes only rows whose keys it chose beforehand, e.g. with ``session.merge``).
         Returns *fn*'s result.
         """
-        from .postgres_sqlalchemy import run_session_transaction
-
-        return await run_session_transaction(self, session_factory, fn, idempotent=idempotent, timeout=timeout)
+        return await _sqlalchemy_integration().run_session_transaction(
+            self, session_factory, fn, idempotent=idempotent, timeout=timeout
+        )
 
     @property
     def active_endpoint(self) -> Endpoint | None:

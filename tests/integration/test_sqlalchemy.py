@@ -1,0 +1,287 @@
+"""SQLAlchemy 2 (asyncio) on failover, on real PostgreSQL servers (issue 12).
+
+The ORM, Core and session.begin() work unchanged on dbs.postgres.sqlalchemy_engine();
+a disconnect feeds the breaker and keeps its meaning (rolled back or unknown) while
+staying a DBAPIError; examples/sqlalchemy_app.py survives a primary crash under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import sqlalchemy
+from sqlalchemy import Integer, String, func, insert, select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from failover import Databases, OperationTimeout, OutcomeUnknown, SwitchState, TransactionRolledBack
+from failover.local import LocalServer
+from failover.local.proxy import FaultProxy, proxied_url
+
+from ..helpers import FAST, fast_settings, wait_for
+from .test_service import http_server
+
+pytestmark = pytest.mark.integration
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sqlalchemy_app.py"
+Pair = tuple[LocalServer, LocalServer]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "sa_items"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    note: Mapped[str] = mapped_column(String(100))
+
+
+def create_schema(metadata: sqlalchemy.MetaData, *servers: LocalServer) -> None:
+    for server in servers:
+        engine = sqlalchemy.create_engine(server.url.replace("postgresql://", "postgresql+psycopg://", 1))
+        try:
+            metadata.create_all(engine)
+        finally:
+            engine.dispose()
+
+
+def item_ids(server: LocalServer, table: str = "sa_items") -> list[Any]:
+    with psycopg.connect(server.url, connect_timeout=2) as conn:
+        return [row[0] for row in conn.execute(f"select id from {table} order by id")]  # noqa: S608
+
+
+async def databases(primary_url: str, fallback_url: str, **overrides: Any) -> Databases:
+    dbs = Databases(fast_settings(SUPABASE_DB_URL=primary_url, POSTGRES_URL=fallback_url, **overrides))
+    await dbs.start()
+    return dbs
+
+
+def state(dbs: Databases) -> SwitchState:
+    return dbs.store("postgres").switch.state
+
+
+async def test_orm_core_and_session_begin_work_unchanged_and_follow_a_failover(pg_pair: Pair) -> None:
+    primary, fallback = pg_pair
+    create_schema(Base.metadata, primary, fallback)
+    dbs = await databases(primary.url, fallback.url)
+    engine = dbs.postgres.sqlalchemy_engine()
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    try:
+        assert engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+        async with sessions() as session:  # ORM
+            session.add(Item(id=1, note="orm"))
+            await session.commit()
+        async with sessions() as session, session.begin():  # session.begin()
+            session.add(Item(id=2, note="begin"))
+        async with engine.begin() as conn:  # Core
+            await conn.execute(insert(Item).values(id=3, note="core"))
+            assert (await conn.execute(select(func.count()).select_from(Item))).scalar_one() == 3
+        assert item_ids(primary) == [1, 2, 3]
+
+        await asyncio.to_thread(primary.kill)
+        # Pooled connections to the dead primary are discarded at checkout (their sockets saw
+        # the hang-up), and the new ones come from the fallback: no error at all.
+        async with sessions() as session, session.begin():
+            session.add(Item(id=4, note="after the crash"))
+        assert state(dbs) is SwitchState.ON_FALLBACK
+        async with sessions() as session:
+            found = await session.get(Item, 4)
+            assert found is not None and found.note == "after the crash"
+        assert item_ids(fallback) == [4]
+    finally:
+        await engine.dispose()
+        await dbs.close()
+
+
+async def test_a_switch_discards_pooled_connections_to_the_old_endpoint(pg_pair: Pair) -> None:
+    primary, fallback = pg_pair
+    create_schema(Base.metadata, primary, fallback)
+    dbs = await databases(primary.url, fallback.url)
+    engine = dbs.postgres.sqlalchemy_engine(pool_size=3)
+    try:
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("select inet_server_port()"))).scalar_one() == primary.port
+        assert engine.pool.checkedin() == 1
+        dbs.pin("postgres", "fallback")  # a switch with both servers alive
+        await wait_for(lambda: engine.pool.checkedin() == 0, 5, "the pool disposed after the switch")
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("select inet_server_port()"))).scalar_one() == fallback.port
+    finally:
+        await engine.dispose()
+        await dbs.close()
+
+
+async def test_a_disconnect_feeds_the_breaker_and_raises_a_rolled_back_dbapi_error(pg_pair: Pair) -> None:
+    primary, fallback = pg_pair
+    create_schema(Base.metadata, primary, fallback)
+    dbs = await databases(primary.url, fallback.url, HEALTH_CHECK_INTERVAL=30)  # only live traffic detects
+    engine = dbs.postgres.sqlalchemy_engine()
+    sessions = async_sessionmaker(engine)
+    try:
+        with pytest.raises(DBAPIError) as caught:
+            async with sessions() as session, session.begin():
+                session.add(Item(id=5, note="first"))
+                await session.flush()
+                await asyncio.to_thread(primary.kill)
+                session.add(Item(id=6, note="second"))
+                await session.flush()
+        error = caught.value
+        assert isinstance(error, TransactionRolledBack) and error.retryable
+        assert error.connection_invalidated
+        assert isinstance(error.orig, psycopg.OperationalError)
+        assert error.endpoint == "Primary PostgreSQL"
+        assert state(dbs) is SwitchState.ON_FALLBACK  # the breaker heard it at once
+        await asyncio.to_thread(primary.start)
+        assert item_ids(primary) == [] and item_ids(fallback) == []
+    finally:
+        await engine.dispose()
+        await dbs.close()
+
+
+async def test_a_commit_cut_by_the_proxy_is_outcome_unknown(pg_pair: Pair) -> None:
+    primary, fallback = pg_pair
+    create_schema(Base.metadata, primary, fallback)
+    proxy = await FaultProxy(primary.port).start()
+    dbs = await databases(proxied_url(primary.url, proxy.port), fallback.url)
+    engine = dbs.postgres.sqlalchemy_engine()
+    sessions = async_sessionmaker(engine)
+    loop = asyncio.get_running_loop()
+    runs = 0
+
+    async def write(session: AsyncSession) -> None:
+        nonlocal runs
+        runs += 1
+        session.add(Item(id=7, note="committing"))
+        await session.flush()
+        proxy.delay(5.0)  # the COMMIT is held...
+        loop.call_later(0.2, proxy.reset)  # ...and the connection reset while it waits
+
+    try:
+        with pytest.raises(OutcomeUnknown) as caught:
+            await dbs.postgres.run_session_transaction(sessions, write)
+        assert isinstance(caught.value, DBAPIError)
+        assert not isinstance(caught.value, (TransactionRolledBack, OperationTimeout))
+        assert runs == 1  # never run again after COMMIT was sent
+        assert item_ids(fallback) == []
+    finally:
+        await engine.dispose()
+        await dbs.close()
+        await proxy.stop()
+
+
+async def test_run_session_transaction_runs_a_serialization_failure_again(pg_pair: Pair) -> None:
+    primary, fallback = pg_pair
+    create_schema(Base.metadata, primary, fallback)
+    with psycopg.connect(primary.url, autocommit=True) as admin:
+        admin.execute("insert into sa_items values (1, '0')")
+    dbs = await databases(primary.url, fallback.url)
+    engine = dbs.postgres.sqlalchemy_engine()
+    sessions = async_sessionmaker(engine)
+    runs = 0
+
+    async def bump(session: AsyncSession) -> str:
+        nonlocal runs
+        runs += 1
+        await session.execute(text("set transaction isolation level repeatable read"))
+        item = await session.get(Item, 1)
+        assert item is not None
+        if runs == 1:
+            async with await psycopg.AsyncConnection.connect(primary.url, autocommit=True) as other:
+                await other.execute("update sa_items set note = '100' where id = 1")
+        item.note = str(int(item.note) + 1)
+        await session.flush()
+        return item.note
+
+    try:
+        assert await dbs.postgres.run_session_transaction(sessions, bump) == "101"
+        assert runs == 2
+    finally:
+        await engine.dispose()
+        await dbs.close()
+
+
+def load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("sqlalchemy_app_under_test", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: the ORM resolves annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_example_app_survives_a_primary_crash_under_50_clients(
+    pg_pair: Pair, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    primary, fallback = pg_pair
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    env = {**{k: str(v) for k, v in FAST.items()}, "FAILOVER_OPERATION_TIMEOUT": "5"}
+    env |= {"SUPABASE_DB_URL": primary.url, "POSTGRES_URL": fallback.url}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    example = load_example()
+    create_schema(example.Base.metadata, primary, fallback)
+    app = example.app
+
+    acknowledged: list[uuid.UUID] = []
+    failures: list[str] = []
+    stale_reads: list[float] = []  # when the POST of a note the fallback did not have started
+    stop = asyncio.Event()
+
+    async def client(http: httpx.AsyncClient, number: int) -> None:
+        while not stop.is_set():
+            posted = time.monotonic()
+            try:
+                created = await http.post("/notes", json={"body": f"client {number}"})
+                if created.status_code != 201:
+                    failures.append(f"POST {created.status_code} {created.text[:200]}")
+                    continue
+                note_id = created.json()["id"]
+                acknowledged.append(uuid.UUID(note_id))
+                read = await http.get(f"/notes/{note_id}")
+                if read.status_code == 404:
+                    # Written on the primary, read after the failover: the fallback does not
+                    # have it (yet). Only possible for a note written before the crash.
+                    stale_reads.append(posted)
+                elif read.status_code != 200:
+                    failures.append(f"GET {read.status_code} {read.text[:200]}")
+            except httpx.HTTPError as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+
+    async with http_server(app) as url:
+        limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+            assert (await http.get("/notes")).json() == {"count": 0}
+            clients = [asyncio.create_task(client(http, n)) for n in range(50)]
+            try:
+                await wait_for(lambda: len(acknowledged) > 300, 60, "notes written on the primary")
+                await asyncio.to_thread(primary.kill)
+                crashed = time.monotonic()
+                before = len(acknowledged)
+                await wait_for(lambda: len(acknowledged) > before + 300, 60, "notes written on the fallback")
+            finally:
+                stop.set()
+                await asyncio.wait_for(asyncio.gather(*clients), 60)
+            dbs = app.state.failover_databases
+            assert dbs.status()["postgres"]["current_db"] == "Local PostgreSQL"
+            counted = (await http.get("/notes")).json()["count"]
+    assert failures == [], failures[:5]
+    assert all(posted <= crashed for posted in stale_reads), "a note written after the crash was not readable"
+    await asyncio.to_thread(primary.start)
+    stored = Counter(item_ids(primary, "notes") + item_ids(fallback, "notes"))
+    missing = [note for note in acknowledged if note not in stored]
+    assert missing == [], f"{len(missing)} acknowledged notes are on neither server"
+    assert counted == len(item_ids(fallback, "notes"))

@@ -239,7 +239,8 @@ async def test_failback_only_after_the_delay(mongo_pair: tuple[LocalServer, Loca
             return True
 
         await wait_for(failed_back, dbs.settings.failback_delay + 3, "failback")
-        assert _state(dbs) is SwitchState.ON_PRIMARY
+        # Failback passes through RECONCILING (the writes made on the fallback are copied first).
+        await wait_for(lambda: _state(dbs) is SwitchState.ON_PRIMARY, 10, "reconciled failback")
         # It did not happen before the primary had been healthy for the whole delay.
         assert last_on_fallback >= healthy_since + dbs.settings.failback_delay - 0.05
         assert dbs.status()["mongodb"]["current_db"] == "Primary MongoDB"

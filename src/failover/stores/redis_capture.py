@@ -43,6 +43,9 @@
   Redis keeps no modification time, so other values have none and the fallback
   wins. Conflicts go to the capped list ``failover:conflicts`` on the fallback
   before the primary is touched.
+* **Deletes** — ``DEL``/``UNLINK``/``GETDEL`` also put their keys in
+  ``failover:deleted``: a key the application deleted during the outage is deleted
+  on the primary even when the (cold) fallback never had it.
 * **Lock** — ``SET failover:reconcile-lock <token> NX PX 30000`` on the
   fallback, renewed every 10 s while held, released by compare-and-delete: a
   SIGKILLed holder blocks the others for 30 s at most.
@@ -83,6 +86,7 @@ DIRTY = PREFIX + "dirty"
 BEFORE = PREFIX + "before"
 VERSION = PREFIX + "ver"
 CHANGED_AT = PREFIX + "at"
+TOMB = PREFIX + "deleted"
 BIG = PREFIX + "big"
 SIZE = PREFIX + "size"
 CONFLICTS = PREFIX + "conflicts"
@@ -104,6 +108,10 @@ LOCK_TTL_MS = 30000
 TMP_TTL_MS = 600000
 """A temporary key left by a copy that died expires after this long."""
 EXPIRY_TOLERANCE_MS = 100
+BIG_KEY_UNIT = 100
+"""A big key weighs one backlog unit per this many elements, so that one too big to copy
+within the write hold (more than ~50,000 elements at the default batch size) is copied
+while traffic still runs on the fallback."""
 BATCH_TIME_BUDGET = 5.0
 """Seconds one batch may spend on big keys; those left over stay in the backlog for the next one."""
 BLOCKING_POLL_INTERVAL = 0.05
@@ -172,12 +180,16 @@ end
 """
 
 MARK_SCRIPT = _CONTENT_LUA + r"""
--- KEYS: dirty, before, ver, at, key...   ARGV: digest limit, '1' when the before-image is unknown
+-- KEYS: dirty, before, ver, at, deleted, key...
+-- ARGV: digest limit, '1' when the before-image is unknown, keys an explicit DEL targets...
 local limit = tonumber(ARGV[1])
 local unknown = ARGV[2] == '1'
 local now = now_ms()
 local marked = 0
-for i = 5, #KEYS do
+for i = 3, #ARGV do
+  if string.sub(ARGV[i], 1, 9) ~= 'failover:' then redis.call('SADD', KEYS[5], ARGV[i]) end
+end
+for i = 6, #KEYS do
   local k = KEYS[i]
   if string.sub(k, 1, 9) ~= 'failover:' then
     if redis.call('SADD', KEYS[1], k) == 1 then
@@ -219,8 +231,8 @@ return 1
 """
 
 SNAPSHOT_SCRIPT = _CONTENT_LUA + r"""
--- KEYS: ver, before, at   ARGV: digest limit, inline limit, string inline bytes, budget, key...
--- Per key: {type, size, pttl, ver, before, at, digest, value|false, groups|false}; stops when the
+-- KEYS: ver, before, at, deleted   ARGV: digest limit, inline limit, string inline bytes, budget, key...
+-- Per key: {type, size, pttl, ver, before, at, digest, value|false, groups|false, deleted}; stops when the
 -- budget of elements is spent (the caller asks again for the rest). Element 1 is the server time.
 local limit = tonumber(ARGV[1])
 local inline = tonumber(ARGV[2])
@@ -265,13 +277,13 @@ for i = 5, #ARGV do
   end
   budget = budget - cost
   out[#out + 1] = {ty, size, pttl, redis.call('HGET', KEYS[1], k), redis.call('HGET', KEYS[2], k),
-                   redis.call('HGET', KEYS[3], k), digest, value, groups}
+                   redis.call('HGET', KEYS[3], k), digest, value, groups, redis.call('SISMEMBER', KEYS[4], k)}
 end
 return out
 """
 
 FORGET_SCRIPT = r"""
--- KEYS: dirty, before, ver, at, big, size   ARGV: key, version, key, version...
+-- KEYS: dirty, before, ver, at, big, size, deleted   ARGV: key, version, key, version...
 local n = 0
 for i = 1, #ARGV, 2 do
   local k = ARGV[i]
@@ -282,6 +294,7 @@ for i = 1, #ARGV, 2 do
     redis.call('HDEL', KEYS[4], k)
     redis.call('SREM', KEYS[5], k)
     redis.call('HDEL', KEYS[6], k)
+    redis.call('SREM', KEYS[7], k)
     n = n + 1
   end
 end
@@ -417,6 +430,9 @@ class Snapshot:
     image: Image
     value: Any
     groups: list[tuple[bytes, bytes]] = field(default_factory=list)
+    deleted: bool = False
+    """An explicit DEL/UNLINK/GETDEL targeted the key (it must go on the primary even if the
+    fallback never had it)."""
 
     @property
     def absent(self) -> bool:
@@ -543,11 +559,16 @@ class RedisCapture(Capture):
 
     store = "redis"
 
-    def __init__(self, *, connect_timeout: float = 2.0, socket_timeout: float = 10.0) -> None:
+    def __init__(
+        self, *, connect_timeout: float = 2.0, socket_timeout: float = 10.0, lock_ttl_ms: int = LOCK_TTL_MS
+    ) -> None:
         if connect_timeout <= 0 or socket_timeout <= 0:
             raise ValueError("connect_timeout and socket_timeout must be greater than 0")
+        if lock_ttl_ms < 1000:
+            raise ValueError("lock_ttl_ms must be at least 1000")
         self.connect_timeout = connect_timeout
         self.socket_timeout = socket_timeout
+        self.lock_ttl_ms = lock_ttl_ms
         self._clients: dict[Role, Redis] = {}
         self._server_commands: dict[str, tuple[bool, int, int, int, bool]] | None = None
         self._scripting_checked = False
@@ -624,11 +645,16 @@ class RedisCapture(Capture):
 
     # --- the routed path on the fallback ----------------------------------------------------------
 
-    def _mark(self, keys: Sequence[Any], unknown: bool = False) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def _mark(
+        self, keys: Sequence[Any], unknown: bool = False, deleted: Sequence[Any] = ()
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (
-            ("EVAL", MARK_SCRIPT, 4 + len(keys), DIRTY, BEFORE, VERSION, CHANGED_AT, *keys, DIGEST_LIMIT, "1" if unknown else "0"),
+            (
+                "EVAL", MARK_SCRIPT, 5 + len(keys), DIRTY, BEFORE, VERSION, CHANGED_AT, TOMB, *keys,
+                DIGEST_LIMIT, "1" if unknown else "0", *deleted,
+            ),
             {},
-        )
+        )  # fmt: skip
 
     def _note(self, keys: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (("EVAL", NOTE_SCRIPT, 2 + len(keys), BIG, SIZE, *keys, INLINE_LIMIT), {})
@@ -638,7 +664,7 @@ class RedisCapture(Capture):
         keys = self.write_keys(args)
         if not keys:
             return await backend.execute(endpoint, args, dict(options))
-        stack = [self._mark(keys), (args, dict(options)), self._note(keys)]
+        stack = [self._mark(keys, deleted=_deleted(args)), (args, dict(options)), self._note(keys)]
         replies = await backend.execute_pipeline(endpoint, stack, True, False)
         await self._check_mark(backend, endpoint, replies[0], keys)
         reply = replies[1]
@@ -656,7 +682,7 @@ class RedisCapture(Capture):
         keys = self._pipeline_keys(stack)
         if not keys:
             return await backend.execute_pipeline(endpoint, stack, transaction, raise_on_error)
-        wrapped = [self._mark(keys), *stack, self._note(keys)]
+        wrapped = [self._mark(keys, deleted=_stack_deleted(stack)), *stack, self._note(keys)]
         replies = await backend.execute_pipeline(endpoint, wrapped, True, False)
         await self._check_mark(backend, endpoint, replies[0], keys)
         return _replies(replies[1:-1], stack, raise_on_error)
@@ -669,7 +695,7 @@ class RedisCapture(Capture):
         if not keys:
             pipe.command_stack = stack
             return await pipe.execute(raise_on_error=raise_on_error)
-        pipe.command_stack = [self._mark(keys), *stack, self._note(keys)]
+        pipe.command_stack = [self._mark(keys, deleted=_stack_deleted(stack)), *stack, self._note(keys)]
         replies = await pipe.execute(raise_on_error=False)
         if isinstance(replies[0], Exception):
             logger.error("redis: marking keys on the fallback failed: %s", replies[0])
@@ -680,7 +706,7 @@ class RedisCapture(Capture):
         """Mark the keys of a write sent outside a transaction on a watched connection (before it)."""
         keys = self.write_keys(args)
         if keys:
-            await pipe.immediate_execute_command(*self._mark(keys)[0])
+            await pipe.immediate_execute_command(*self._mark(keys, deleted=_deleted(args))[0])
 
     def _pipeline_keys(self, stack: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
         keys: list[Any] = []
@@ -719,9 +745,9 @@ class RedisCapture(Capture):
                 self._server_commands = {}
 
     async def backlog(self, fallback: Endpoint) -> int:
-        """Dirty keys; a key of more than a chunk's elements weighs one per chunk, so the
+        """Dirty keys; a big key weighs one more per :data:`BIG_KEY_UNIT` elements, so the
         reconciler copies it before its final write hold rather than inside it."""
-        return int(await self._client(fallback).eval(BACKLOG_SCRIPT, 3, DIRTY, BIG, SIZE, CHUNK))
+        return int(await self._client(fallback).eval(BACKLOG_SCRIPT, 3, DIRTY, BIG, SIZE, BIG_KEY_UNIT))
 
     # --- copy ----------------------------------------------------------------------------------
 
@@ -745,7 +771,9 @@ class RedisCapture(Capture):
         done: list[Snapshot] = []
         for snap in snapshots:
             view = views[snap.key]
-            if snap.before is not None and snap.before.exact and snap.image.exact and snap.image.same(snap.before):
+            if snap.deleted and snap.absent:
+                pass  # an explicit delete: the primary's copy goes too, even if the fallback never had it
+            elif snap.before is not None and snap.before.exact and snap.image.exact and snap.image.same(snap.before):
                 expiry = fallback_now + snap.pttl if snap.pttl >= 0 else -1
                 if (expiry < 0) == (snap.before_expiry < 0) and abs(expiry - snap.before_expiry) <= EXPIRY_TOLERANCE_MS:
                     done.append(snap)  # the fallback did not change it: nothing to copy, nothing stale
@@ -760,7 +788,7 @@ class RedisCapture(Capture):
                         resolution=resolution,
                         at=now,
                         primary=_summary(view.kind, view.size, view.value),
-                        fallback=_summary(snap.kind, snap.size, _typed_value(snap.kind, snap.value) if snap.kind in ("hash", "zset", "stream") else snap.value),
+                        fallback=_summary(snap.kind, snap.size, snap.value),
                         detail=why,
                     )
                 )
@@ -789,7 +817,9 @@ class RedisCapture(Capture):
                 if snap.version is not None:
                     args += [snap.key, snap.version]
             if args:
-                result.applied = int(await fconn.eval(FORGET_SCRIPT, 6, DIRTY, BEFORE, VERSION, CHANGED_AT, BIG, SIZE, *args))
+                result.applied = int(
+                    await fconn.eval(FORGET_SCRIPT, 7, DIRTY, BEFORE, VERSION, CHANGED_AT, BIG, SIZE, TOMB, *args)
+                )
         result.conflicts = conflicts
         result.remaining = int(await fconn.scard(DIRTY))
         return result
@@ -801,7 +831,7 @@ class RedisCapture(Capture):
         pending = keys
         while pending:
             reply = await conn.eval(
-                SNAPSHOT_SCRIPT, 3, VERSION, BEFORE, CHANGED_AT,
+                SNAPSHOT_SCRIPT, 4, VERSION, BEFORE, CHANGED_AT, TOMB,
                 DIGEST_LIMIT, INLINE_LIMIT, STRING_INLINE_BYTES, SNAPSHOT_BUDGET, *pending,
             )  # fmt: skip
             now = int(reply[0])
@@ -824,6 +854,7 @@ class RedisCapture(Capture):
                         image=Image(kind, size, row[6].decode() if isinstance(row[6], bytes) else str(row[6])),
                         value=_typed_value(kind, row[7]) if kind != "string" else row[7],
                         groups=groups,
+                        deleted=bool(row[9]),
                     )
                 )
             pending = pending[len(rows) :]
@@ -937,17 +968,23 @@ class RedisCapture(Capture):
                     written += 1
                     start += len(items)
             elif snap.kind in ("set", "hash", "zset"):
-                scan = {"set": "SSCAN", "hash": "HSCAN", "zset": "ZSCAN"}[snap.kind]
-                write = {"set": "SADD", "hash": "HSET", "zset": "ZADD"}[snap.kind]
-                cursor: Any = b"0"
+                cursor: Any = 0
                 while True:
-                    cursor, flat = await fconn.execute_command(scan, key, cursor, "COUNT", CHUNK, NEVER_PARSE=True)
-                    if flat:
-                        if snap.kind == "zset":
-                            flat = _flatten([(s, m) for m, s in _pairs(flat)])
-                        await pconn.execute_command(write, tmp, *flat)
-                        written += 1
-                    if cursor in (b"0", 0, "0"):
+                    if snap.kind == "set":
+                        cursor, members = await fconn.sscan(key, cursor, count=CHUNK)
+                        if members:
+                            await pconn.sadd(tmp, *members)
+                    elif snap.kind == "hash":
+                        cursor, fields = await fconn.hscan(key, cursor, count=CHUNK)
+                        if fields:
+                            await pconn.execute_command("HSET", tmp, *_flatten(list(fields.items())))
+                    else:
+                        # Scores as the server wrote them (bytes), so none is rounded on the way.
+                        cursor, scored = await fconn.zscan(key, cursor, count=CHUNK, score_cast_func=bytes)
+                        if scored:
+                            await pconn.execute_command("ZADD", tmp, *_flatten([(s, m) for m, s in scored]))
+                    written += 1
+                    if int(cursor) == 0:
                         break
             elif snap.kind == "stream":
                 start: Any = "-"
@@ -993,7 +1030,7 @@ class RedisCapture(Capture):
     async def lock(self, fallback: Endpoint) -> AsyncIterator[bool]:
         client = self._client(fallback)
         token = secrets.token_hex(16)
-        if not await client.set(LOCK, token, nx=True, px=LOCK_TTL_MS):
+        if not await client.set(LOCK, token, nx=True, px=self.lock_ttl_ms):
             yield False
             return
         self._lock_lost = False
@@ -1009,9 +1046,9 @@ class RedisCapture(Capture):
 
     async def _renew(self, client: Redis, token: str) -> None:
         while True:
-            await asyncio.sleep(LOCK_TTL_MS / 3000)
+            await asyncio.sleep(self.lock_ttl_ms / 3000)
             try:
-                renewed = await client.eval(RENEW_SCRIPT, 1, LOCK, token, LOCK_TTL_MS)
+                renewed = await client.eval(RENEW_SCRIPT, 1, LOCK, token, self.lock_ttl_ms)
             except (RedisError, OSError) as exc:
                 logger.warning("redis: renewing the reconcile lock failed: %s", type(exc).__name__)
                 continue
@@ -1030,6 +1067,21 @@ class RedisCapture(Capture):
 
     def describe(self) -> dict[str, Any]:
         return {"capture": f"dirty-key set {DIRTY} on the fallback", "big_key_chunk": CHUNK}
+
+
+_DELETES = frozenset({"DEL", "UNLINK", "GETDEL"})
+
+
+def _deleted(args: Sequence[Any]) -> list[Any]:
+    """The keys an explicit delete command targets (empty for any other command)."""
+    if not args:
+        return []
+    name = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
+    return list(args[1:]) if name.upper() in _DELETES else []
+
+
+def _stack_deleted(stack: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+    return [key for args, _options in stack for key in _deleted(args)]
 
 
 def _replies(replies: list[Any], stack: list[tuple[tuple[Any, ...], dict[str, Any]]], raise_on_error: bool) -> list[Any]:

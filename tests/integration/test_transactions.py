@@ -148,6 +148,39 @@ async def test_connection_cut_before_commit_is_rolled_back(pg_pair: tuple[LocalS
         await proxy.stop()
 
 
+async def test_commit_of_an_outermost_conn_transaction_block_is_known_to_be_sent(
+    pg_pair: tuple[LocalServer, LocalServer],
+) -> None:
+    """``async with conn.transaction():`` commits when it ends: a failure there is unknown, while
+    a failure inside it is still a rollback."""
+    primary, fallback = pg_pair
+    proxy, dbs = await proxied_pair(pg_pair)
+    loop = asyncio.get_running_loop()
+    try:
+        with pytest.raises(OutcomeUnknown) as caught:
+            async with dbs.postgres.connection() as conn:
+                async with conn.transaction():
+                    await conn.execute("insert into items values (20, 'in a transaction block')")
+                    proxy.delay(5.0)
+                    loop.call_later(0.2, proxy.reset)
+        assert not isinstance(caught.value, OperationTimeout)
+    finally:
+        await dbs.close()
+        await proxy.stop()
+    proxy, dbs = await proxied_pair((primary, fallback))
+    try:
+        with pytest.raises(TransactionRolledBack):
+            async with dbs.postgres.connection() as conn:
+                async with conn.transaction():
+                    await conn.execute("insert into items values (21, 'in a transaction block')")
+                    proxy.delay(5.0)
+                    loop.call_later(0.2, proxy.reset)
+                    await conn.execute("insert into items values (22, 'never answered')")
+    finally:
+        await dbs.close()
+        await proxy.stop()
+
+
 async def test_run_transaction_never_runs_again_after_commit_was_sent(
     pg_pair: tuple[LocalServer, LocalServer],
 ) -> None:

@@ -42,8 +42,9 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ..core.events import Event, StateChanged
-from ..core.store import ErrorKind, _active_role
+from ..core.endpoint import Role
+from ..core.events import Event, StateChanged, SwitchState
+from ..core.store import ErrorKind
 from ..errors import OperationTimeout, OutcomeUnknown, TransactionRolledBack
 from .postgres import (
     _REPLAY_SQLSTATES,
@@ -206,7 +207,7 @@ def _dispose_on_switch(engine: AsyncEngine, failover: Any) -> None:
     def on_event(ev: Event) -> None:
         if not isinstance(ev, StateChanged) or ev.store != failover.name:
             return
-        if _active_role(ev.from_state) is _active_role(ev.to_state):
+        if _serving(ev.from_state) is _serving(ev.to_state):
             return
         target = ref()
         if target is None:
@@ -222,6 +223,14 @@ def _dispose_on_switch(engine: AsyncEngine, failover: Any) -> None:
 
     unsubscribe = failover.bus.subscribe(on_event)
     weakref.finalize(engine, unsubscribe)
+
+
+def _serving(state: SwitchState) -> Role | None:
+    if state is SwitchState.ON_PRIMARY:
+        return Role.PRIMARY
+    if state is SwitchState.UNAVAILABLE:
+        return None
+    return Role.FALLBACK  # ON_FALLBACK, RECONCILING
 
 
 async def _dispose(engine: AsyncEngine) -> None:

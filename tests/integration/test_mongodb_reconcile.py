@@ -372,3 +372,37 @@ async def test_primary_path_writes_no_journal(mongo_pair: tuple[LocalServer, Loc
             assert not dbs.mongodb.journal.captures(name)
     finally:
         await dbs.close()
+
+
+async def test_another_instance_writing_to_the_fallback_does_not_stop_a_failback(
+    mongo_pair: tuple[LocalServer, LocalServer], raw: Any
+) -> None:
+    primary, fallback = mongo_pair
+    first = await _start(primary, fallback)
+    second = await _start(primary, fallback)
+    written: list[int] = []
+
+    async def operation(i: int) -> None:
+        await second.mongodb.database["busy"].insert_one({"_id": i})
+        written.append(i)
+
+    traffic: Traffic | None = None
+    try:
+        await _outage(first, primary)
+        second.pin("mongodb", "fallback")  # it keeps writing to the fallback all along
+        traffic = Traffic(operation, workers=2, pause=0.002).start()
+        await first.mongodb.database["docs"].insert_many([{"_id": i} for i in range(100)])
+        primary.start()
+        await wait_for(lambda: _state(first) is SwitchState.ON_PRIMARY, FAILBACK, "failback despite the other writer")
+        await traffic.stop()
+        traffic = None
+        assert await raw(primary)["docs"].count_documents({}) == 100
+        second.pin("mongodb", None)
+        await wait_for(lambda: _state(second) is SwitchState.ON_PRIMARY, FAILBACK, "the writer fails back too")
+        stored = {d["_id"] for d in await raw(primary)["busy"].find({}, {"_id": 1}).to_list(None)}
+        assert written and not set(written) - stored
+    finally:
+        if traffic is not None:
+            await traffic.stop()
+        await first.close()
+        await second.close()

@@ -58,6 +58,10 @@ the fallback:
   replaces the primary's, increments made on the primary meanwhile are lost
   (and reported as a conflict). Each conflict is written to
   ``failover_conflicts`` on the fallback before the primary is touched.
+* **Final catch-up** — the write hold copies the intents whose ``last_at`` is at
+  or below the wall-clock time taken once this process's writes are quiesced
+  (the watermark); intents written later come from other processes still on the
+  fallback and stay for them (or for the sweep of a process on the primary).
 * **Lock** — a lease document ``{_id: "reconcile", owner, expires_at}`` in
   ``failover_locks`` on the fallback, taken with a conditional upsert and
   renewed while held. It uses wall-clock time because it is shared between
@@ -808,14 +812,32 @@ class MongoCapture(Capture):
             return estimate
         return int(await journal.count_documents({}))
 
+    async def watermark(self, fallback: Endpoint) -> float:
+        # Intents carry the wall-clock time of their last write (last_at): every intent this
+        # process wrote before its writes were held is at or below "now".
+        return _wall()
+
+    async def backlog_upto(self, fallback: Endpoint, watermark: Any) -> int:
+        return int(await self._own(fallback, JOURNAL).count_documents({"last_at": {"$lte": watermark}}))
+
+    async def apply_upto(
+        self, primary: Endpoint, fallback: Endpoint, policy: ConflictPolicy, limit: int, watermark: Any
+    ) -> BatchResult:
+        return await self._apply(primary, fallback, policy, limit, {"last_at": {"$lte": watermark}})
+
     async def apply_batch(
         self, primary: Endpoint, fallback: Endpoint, policy: ConflictPolicy, limit: int
+    ) -> BatchResult:
+        return await self._apply(primary, fallback, policy, limit, {})
+
+    async def _apply(
+        self, primary: Endpoint, fallback: Endpoint, policy: ConflictPolicy, limit: int, selection: dict[str, Any]
     ) -> BatchResult:
         journal = self._own(fallback, JOURNAL)
         now = _wall()
         # Oldest first; intents of writes still in flight wait for the next batch. (A plain
         # sorted read: an $or on pending/pending_until costs more than it saves.)
-        oldest = await journal.find({}, sort=[("first_at", 1)], limit=limit).to_list(None)
+        oldest = await journal.find(selection, sort=[("first_at", 1)], limit=limit).to_list(None)
         entries = [e for e in oldest if e.get("pending", 0) <= 0 or e.get("pending_until", 0) < now]
         if not entries:
             if oldest:

@@ -248,7 +248,7 @@ async def test_statement_answered_57p01_goes_to_the_fallback(pg_pair: tuple[Loca
     """``execute`` whose statement is answered "terminating connection" (class 57) runs on the fallback."""
     primary, fallback = pg_pair
     prepare(primary, fallback)
-    dbs = await databases(primary.url, fallback.url)
+    dbs = await databases(primary.url, fallback.url, FAILOVER_FAILBACK_DELAY=30)  # the primary stays up
 
     def terminate_the_sleeper() -> None:
         with psycopg.connect(primary.url, autocommit=True) as admin:

@@ -70,7 +70,7 @@ DEFAULT_BACKOFF_CAP = 0.5
 _MIN_ATTEMPT = 0.05  # an attempt with less time left than this is not started
 
 # A statement that may end the transaction with a commit (at the start of the text or after a ';').
-_ENDS_TRANSACTION = re.compile(r"(?:^|;)\s*(?:commit|end|prepare\s+transaction)\b", re.IGNORECASE)
+_ENDS_TRANSACTION = re.compile(r"\s*(?:commit|end|prepare\s+transaction)\b", re.IGNORECASE)
 _IDLE = psycopg.pq.TransactionStatus.IDLE
 
 P = ParamSpec("P")
@@ -205,7 +205,10 @@ def _ends_transaction(query: Any, conn: AsyncConnection[Any]) -> bool:
             text = query.as_string(conn)
         except Exception:
             return True  # cannot tell: assume the worst
-    return _ENDS_TRANSACTION.search(text) is not None
+    if _ENDS_TRANSACTION.match(text):
+        return True
+    # Only a multi-statement string can hide one further on (the common case has no ';').
+    return ";" in text and any(_ENDS_TRANSACTION.match(part) for part in text.split(";")[1:])
 
 
 def _on_notice(ref: weakref.ReferenceType[FailoverConnection], diag: psycopg.errors.Diagnostic) -> None:

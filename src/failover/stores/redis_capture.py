@@ -98,6 +98,7 @@ DIGEST_LIMIT = 1000
 INLINE_LIMIT = 1000
 """Keys of up to this many elements are copied in the batch's transaction; larger ones in chunks."""
 STRING_INLINE_BYTES = 1 << 20
+STRING_DIGEST_BYTES = 1 << 24
 CHUNK = 2000
 """Elements read and written per command when a big key is copied."""
 STRING_CHUNK_BYTES = 1 << 20
@@ -232,7 +233,7 @@ return 1
 
 SNAPSHOT_SCRIPT = _CONTENT_LUA + r"""
 -- KEYS: ver, before, at, deleted   ARGV: digest limit, inline limit, string inline bytes, budget, key...
--- Per key: {type, size, pttl, ver, before, at, digest, value|false, groups|false, deleted}; stops when the
+-- Per key: 'type|size|pttl|digest|deleted|at|ver|before', value|false, groups|false; stops when the
 -- budget of elements is spent (the caller asks again for the rest). Element 1 is the server time.
 local limit = tonumber(ARGV[1])
 local inline = tonumber(ARGV[2])
@@ -276,8 +277,12 @@ for i = 5, #ARGV do
     end
   end
   budget = budget - cost
-  out[#out + 1] = {ty, size, pttl, redis.call('HGET', KEYS[1], k), redis.call('HGET', KEYS[2], k),
-                   redis.call('HGET', KEYS[3], k), digest, value, groups, redis.call('SISMEMBER', KEYS[4], k)}
+  -- Three entries per key, the metadata packed in one string (fewer replies to parse).
+  out[#out + 1] = table.concat({ty, size, pttl, digest, redis.call('SISMEMBER', KEYS[4], k),
+                                redis.call('HGET', KEYS[3], k) or '', redis.call('HGET', KEYS[1], k) or '',
+                                redis.call('HGET', KEYS[2], k) or ''}, '|')
+  out[#out + 1] = value
+  out[#out + 1] = groups
 end
 return out
 """
@@ -554,15 +559,16 @@ class RedisCapture(Capture):
 
     Args:
         connect_timeout: seconds to open a connection of its own.
-        socket_timeout: seconds one reply of a reconcile step may take.
+        socket_timeout: seconds one reply may take (None: no timer per reply; every call the
+            reconciler makes is bounded by its step timeout, the lock's by the lease).
     """
 
     store = "redis"
 
     def __init__(
-        self, *, connect_timeout: float = 2.0, socket_timeout: float = 10.0, lock_ttl_ms: int = LOCK_TTL_MS
+        self, *, connect_timeout: float = 2.0, socket_timeout: float | None = None, lock_ttl_ms: int = LOCK_TTL_MS
     ) -> None:
-        if connect_timeout <= 0 or socket_timeout <= 0:
+        if connect_timeout <= 0 or (socket_timeout is not None and socket_timeout <= 0):
             raise ValueError("connect_timeout and socket_timeout must be greater than 0")
         if lock_ttl_ms < 1000:
             raise ValueError("lock_ttl_ms must be at least 1000")
@@ -835,59 +841,82 @@ class RedisCapture(Capture):
                 DIGEST_LIMIT, INLINE_LIMIT, STRING_INLINE_BYTES, SNAPSHOT_BUDGET, *pending,
             )  # fmt: skip
             now = int(reply[0])
-            rows = reply[1:]
-            for key, row in zip(pending, rows):
-                kind = row[0].decode() if isinstance(row[0], bytes) else str(row[0])
-                size = int(row[1])
-                before, before_expiry = Image.parse(row[4])
-                groups = _pairs(row[8]) if row[8] else []
+            done = (len(reply) - 1) // 3
+            for i, key in enumerate(pending[:done]):
+                meta, raw_value, raw_groups = reply[1 + 3 * i : 4 + 3 * i]
+                kind, size_text, pttl, digest_text, deleted, at, version, before_text = meta.decode().split("|", 7)
+                size = int(float(size_text))
+                before, before_expiry = Image.parse(before_text or None)
                 out.append(
                     Snapshot(
                         key=key,
                         kind=kind,
                         size=size,
-                        pttl=int(row[2]),
-                        version=row[3],
+                        pttl=int(float(pttl)),
+                        version=version.encode() if version else None,
                         before=before,
                         before_expiry=before_expiry,
-                        changed_at=int(row[5]) / 1000 if row[5] is not None else None,
-                        image=Image(kind, size, row[6].decode() if isinstance(row[6], bytes) else str(row[6])),
-                        value=_typed_value(kind, row[7]) if kind != "string" else row[7],
-                        groups=groups,
-                        deleted=bool(row[9]),
+                        changed_at=int(float(at)) / 1000 if at else None,
+                        image=Image(kind, size, digest_text),
+                        value=_typed_value(kind, raw_value) if kind != "string" else raw_value,
+                        groups=_pairs(raw_groups) if raw_groups else [],
+                        deleted=deleted == "1",
                     )
                 )
-            pending = pending[len(rows) :]
+            pending = pending[done:]
         return out, now
 
     async def _primary_views(self, conn: Redis, snapshots: list[Snapshot]) -> dict[bytes, _PrimaryView]:
-        """Type, size and (for keys of up to DIGEST_LIMIT elements) value of each key on the primary."""
+        """Type, size and (for keys of up to DIGEST_LIMIT elements) value of each key on the primary.
+
+        A key that is a string on the fallback is read with one ``GET`` (nil: absent; an error:
+        another type); other keys take ``TYPE``, then their size, then their value.
+        """
         views = {s.key: _PrimaryView() for s in snapshots}
-        keys = list(views)
+        guessed = {
+            s.key for s in snapshots
+            if (s.kind == "string" or (s.absent and s.before is not None and s.before.kind == "string"))
+            and s.size <= STRING_DIGEST_BYTES
+        }  # fmt: skip
         async with conn.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.type(key)
-            kinds = await pipe.execute()
-        sized = []
+            for key in views:
+                if key in guessed:
+                    pipe.get(key)
+                else:
+                    pipe.type(key)
+            replies = await pipe.execute(raise_on_error=False)
+        typed = []
+        for (key, view), reply in zip(views.items(), replies):
+            if key not in guessed:
+                view.kind = reply.decode() if isinstance(reply, bytes) else str(reply)
+            elif isinstance(reply, bytes):
+                view.kind, view.value, view.size = "string", reply, len(reply)
+            elif reply is None:
+                view.kind = "none"
+            else:
+                typed.append(key)  # WRONGTYPE: not a string on the primary
+        if typed:
+            async with conn.pipeline(transaction=False) as pipe:
+                for key in typed:
+                    pipe.type(key)
+                for key, reply in zip(typed, await pipe.execute()):
+                    views[key].kind = reply.decode() if isinstance(reply, bytes) else str(reply)
+        sized = [key for key, view in views.items() if view.kind in _SIZE_COMMANDS and view.value is None]
+        if not sized:
+            return views
         async with conn.pipeline(transaction=False) as pipe:
-            for key, kind in zip(keys, kinds):
-                kind = kind.decode() if isinstance(kind, bytes) else str(kind)
-                views[key].kind = kind
-                command = _SIZE_COMMANDS.get(kind)
-                if command is not None:
-                    pipe.execute_command(command, key)
-                    sized.append(key)
-            sizes = await pipe.execute(raise_on_error=False) if sized else []
+            for key in sized:
+                pipe.execute_command(_SIZE_COMMANDS[views[key].kind], key)
+            sizes = await pipe.execute(raise_on_error=False)
         readable = []
         async with conn.pipeline(transaction=False) as pipe:
             for key, size in zip(sized, sizes):
                 view = views[key]
                 if isinstance(size, Exception):  # it changed type meanwhile: compare by type only
-                    view.kind = view.kind
                     continue
                 view.size = int(size)
                 if view.kind == "string":
-                    if view.size > 16777216:
+                    if view.size > STRING_DIGEST_BYTES:
                         continue
                     pipe.execute_command("GET", key)
                 elif view.size > DIGEST_LIMIT:
@@ -907,27 +936,50 @@ class RedisCapture(Capture):
                 readable.append(key)
             values = await pipe.execute(raise_on_error=False) if readable else []
         for key, value in zip(readable, values):
-            view = views[key]
-            if isinstance(value, Exception):
-                continue
-            view.value = _primary_value(view.kind, value)
+            if not isinstance(value, Exception):
+                views[key].value = _primary_value(views[key].kind, value)
         return views
 
     async def _copy_inline(self, conn: Redis, snapshots: list[Snapshot], read_at: float) -> None:
-        """Write the final state of small keys in MULTI/EXEC transactions of bounded size."""
+        """Write the final state of small keys.
+
+        A string (``SET k v [PX ms]``) or a deletion (``DEL k``) is one command, atomic by
+        itself: those go in one plain pipeline. Other types need ``DEL`` then their writes
+        then the TTL: one ``MULTI``/``EXEC`` each group of bounded size.
+        """
         if not snapshots:
             return
         elapsed_ms = int((time.monotonic() - read_at) * 1000)
+        single: list[Snapshot] = []
         groups: list[list[Snapshot]] = [[]]
         weight = 0
         for snap in snapshots:
-            cost = 1 + (snap.size if snap.kind != "string" else snap.size // 4096)
+            if snap.absent or snap.kind == "string":
+                single.append(snap)
+                continue
+            cost = 1 + snap.size
             if groups[-1] and weight + cost > SNAPSHOT_BUDGET:
                 groups.append([])
                 weight = 0
             groups[-1].append(snap)
             weight += cost
+        if single:
+            async with conn.pipeline(transaction=False) as pipe:
+                for snap in single:
+                    remaining = snap.pttl - elapsed_ms
+                    if snap.absent or (snap.pttl >= 0 and remaining <= 0):
+                        pipe.delete(snap.key)
+                    elif snap.pttl >= 0:
+                        pipe.set(snap.key, snap.value, px=remaining)
+                    else:
+                        pipe.set(snap.key, snap.value)
+                replies = await pipe.execute(raise_on_error=False)
+            errors = [r for r in replies if isinstance(r, Exception)]
+            if errors:
+                raise errors[0]
         for group in groups:
+            if not group:
+                continue
             async with conn.pipeline(transaction=True) as pipe:
                 for snap in group:
                     _queue_replace(pipe, snap.key, snap, elapsed_ms)
@@ -939,82 +991,43 @@ class RedisCapture(Capture):
     async def _copy_big(self, fconn: Redis, pconn: Redis, snap: Snapshot, read_at: float) -> bool:
         """Copy a big key in chunks into a temporary key, then swap it in atomically.
 
-        False when the key changed type or vanished on the fallback during the copy
-        (it stays dirty: its version moved, and the next batch copies it again).
+        The next chunk is read from the fallback while the last one is written to the
+        primary. False when the key vanished or changed type on the fallback during the
+        copy (it stays dirty: its version moved, and a later batch copies it again).
         """
+        if snap.kind not in ("string", "list", "set", "hash", "zset", "stream"):
+            logger.warning("redis: key %r has type %s, which reconcile cannot copy", _text(snap.key), snap.kind)
+            return False
         tmp = (TMP + secrets.token_hex(8)).encode()
-        key = snap.key
+        writing: asyncio.Task[Any] | None = None
         written = 0
         try:
             await pconn.delete(tmp)
-            if snap.kind == "string":
-                offset = 0
-                while True:
-                    chunk = await fconn.getrange(key, offset, offset + STRING_CHUNK_BYTES - 1)
-                    if not chunk:
-                        break
-                    await pconn.append(tmp, chunk)
-                    written += 1
-                    offset += len(chunk)
-                    if len(chunk) < STRING_CHUNK_BYTES:
-                        break
-            elif snap.kind == "list":
-                start = 0
-                while True:
-                    items = await fconn.lrange(key, start, start + CHUNK - 1)
-                    if not items:
-                        break
-                    await pconn.rpush(tmp, *items)
-                    written += 1
-                    start += len(items)
-            elif snap.kind in ("set", "hash", "zset"):
-                cursor: Any = 0
-                while True:
-                    if snap.kind == "set":
-                        cursor, members = await fconn.sscan(key, cursor, count=CHUNK)
-                        if members:
-                            await pconn.sadd(tmp, *members)
-                    elif snap.kind == "hash":
-                        cursor, fields = await fconn.hscan(key, cursor, count=CHUNK)
-                        if fields:
-                            await pconn.execute_command("HSET", tmp, *_flatten(list(fields.items())))
-                    else:
-                        # Scores as the server wrote them (bytes), so none is rounded on the way.
-                        cursor, scored = await fconn.zscan(key, cursor, count=CHUNK, score_cast_func=bytes)
-                        if scored:
-                            await pconn.execute_command("ZADD", tmp, *_flatten([(s, m) for m, s in scored]))
-                    written += 1
-                    if int(cursor) == 0:
-                        break
-            elif snap.kind == "stream":
-                start: Any = "-"
-                while True:
-                    entries = await fconn.xrange(key, start, "+", count=CHUNK)
-                    if not entries:
-                        break
-                    async with pconn.pipeline(transaction=False) as pipe:
-                        for entry_id, fields in entries:
-                            pipe.execute_command("XADD", tmp, entry_id, *_flatten(list(fields.items())))
-                        await pipe.execute()
-                    written += 1
-                    start = b"(" + bytes(entries[-1][0])
-            else:
-                logger.warning("redis: key %r has type %s, which reconcile cannot copy", _text(key), snap.kind)
-                return False
+            async for command in _chunk_writes(fconn, snap, tmp):
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(_write_chunk(pconn, command))
+                written += 1
+            if writing is not None:
+                await writing
             if written == 0 or not await pconn.exists(tmp):
                 return False
             elapsed_ms = int((time.monotonic() - read_at) * 1000)
             async with pconn.pipeline(transaction=True) as pipe:
-                pipe.rename(tmp, key)
+                pipe.rename(tmp, snap.key)
                 for name, last_id in snap.groups:
-                    pipe.execute_command("XGROUP", "CREATE", key, name, last_id)
-                _queue_expiry(pipe, key, snap.pttl, elapsed_ms)
+                    pipe.execute_command("XGROUP", "CREATE", snap.key, name, last_id)
+                _queue_expiry(pipe, snap.key, snap.pttl, elapsed_ms)
                 replies = await pipe.execute(raise_on_error=False)
             errors = [r for r in replies if isinstance(r, Exception)]
             if errors:
                 raise errors[0]
             return True
         finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
+                with contextlib.suppress(BaseException):
+                    await writing
             with contextlib.suppress(RedisError, OSError):
                 await pconn.delete(tmp)
 
@@ -1028,9 +1041,14 @@ class RedisCapture(Capture):
 
     @contextlib.asynccontextmanager
     async def lock(self, fallback: Endpoint) -> AsyncIterator[bool]:
+        # A run starts on fresh connections: pooled ones may be to a server that restarted since.
+        for pooled in self._clients.values():
+            await pooled.connection_pool.disconnect()
         client = self._client(fallback)
         token = secrets.token_hex(16)
-        if not await client.set(LOCK, token, nx=True, px=self.lock_ttl_ms):
+        async with asyncio.timeout(self.connect_timeout * 2):
+            taken = await client.set(LOCK, token, nx=True, px=self.lock_ttl_ms)
+        if not taken:
             yield False
             return
         self._lock_lost = False
@@ -1041,15 +1059,17 @@ class RedisCapture(Capture):
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await renewer
-            with contextlib.suppress(RedisError, OSError):
-                await client.eval(RELEASE_SCRIPT, 1, LOCK, token)
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self.connect_timeout * 2):
+                    await client.eval(RELEASE_SCRIPT, 1, LOCK, token)
 
     async def _renew(self, client: Redis, token: str) -> None:
         while True:
             await asyncio.sleep(self.lock_ttl_ms / 3000)
             try:
-                renewed = await client.eval(RENEW_SCRIPT, 1, LOCK, token, self.lock_ttl_ms)
-            except (RedisError, OSError) as exc:
+                async with asyncio.timeout(self.lock_ttl_ms / 3000):
+                    renewed = await client.eval(RENEW_SCRIPT, 1, LOCK, token, self.lock_ttl_ms)
+            except (RedisError, OSError, TimeoutError) as exc:
                 logger.warning("redis: renewing the reconcile lock failed: %s", type(exc).__name__)
                 continue
             if not renewed:
@@ -1102,6 +1122,64 @@ def _primary_value(kind: str, raw: Any) -> Any:
     if kind == "stream":
         return [(entry[0], _flatten(list(entry[1].items())) if isinstance(entry[1], dict) else list(entry[1])) for entry in raw]
     return raw
+
+
+async def _chunk_writes(fconn: Redis, snap: Snapshot, tmp: bytes) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """Read *snap*'s key on the fallback chunk by chunk; yield the commands that add each to *tmp*."""
+    key = snap.key
+    if snap.kind == "string":
+        offset = 0
+        while True:
+            chunk = await fconn.getrange(key, offset, offset + STRING_CHUNK_BYTES - 1)
+            if not chunk:
+                return
+            yield [("APPEND", tmp, chunk)]
+            offset += len(chunk)
+            if len(chunk) < STRING_CHUNK_BYTES:
+                return
+    elif snap.kind == "list":
+        start = 0
+        while True:
+            items = await fconn.lrange(key, start, start + CHUNK - 1)
+            if not items:
+                return
+            yield [("RPUSH", tmp, *items)]
+            start += len(items)
+    elif snap.kind == "stream":
+        begin: Any = "-"
+        while True:
+            entries = await fconn.xrange(key, begin, "+", count=CHUNK)
+            if not entries:
+                return
+            yield [("XADD", tmp, entry_id, *_flatten(list(fields.items()))) for entry_id, fields in entries]
+            begin = b"(" + bytes(entries[-1][0])
+    else:
+        cursor: Any = 0
+        while True:
+            if snap.kind == "set":
+                cursor, members = await fconn.sscan(key, cursor, count=CHUNK)
+                command: tuple[Any, ...] = ("SADD", tmp, *members)
+            elif snap.kind == "hash":
+                cursor, fields = await fconn.hscan(key, cursor, count=CHUNK)
+                command = ("HSET", tmp, *_flatten(list(fields.items())))
+            else:
+                # Scores as the server wrote them (bytes), so none is rounded on the way.
+                cursor, scored = await fconn.zscan(key, cursor, count=CHUNK, score_cast_func=bytes)
+                command = ("ZADD", tmp, *_flatten([(score, member) for member, score in scored]))
+            if len(command) > 2:
+                yield [command]
+            if int(cursor) == 0:
+                return
+
+
+async def _write_chunk(pconn: Redis, commands: list[tuple[Any, ...]]) -> None:
+    if len(commands) == 1:
+        await pconn.execute_command(*commands[0])
+        return
+    async with pconn.pipeline(transaction=False) as pipe:
+        for command in commands:
+            pipe.execute_command(*command)
+        await pipe.execute()
 
 
 def _queue_expiry(pipe: Pipeline, key: bytes, pttl: int, elapsed_ms: int) -> None:

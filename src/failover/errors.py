@@ -7,6 +7,8 @@ visible in the tree::
      ├── ConfigurationError          settings are invalid; fix the environment
      ├── StoreNotConfigured          the store has no URL; nothing to route to
      ├── ClosedError                 the Databases object is closed or not started
+     ├── NotRoutable                 a driver method that cannot fail over (the
+     │                               message names the method, why, and what to use)
      └── OperationError              an operation could not be completed
           ├── NoEndpointAvailable    [retryable later] no endpoint accepted the
           │                          operation before it reached a server
@@ -31,6 +33,7 @@ __all__ = [
     "ConfigurationError",
     "FailoverError",
     "NoEndpointAvailable",
+    "NotRoutable",
     "OperationError",
     "OperationTimeout",
     "OutcomeUnknown",
@@ -57,6 +60,21 @@ class StoreNotConfigured(FailoverError):
 
 class ClosedError(FailoverError):
     """The object was used before ``start()`` or after ``close()``."""
+
+
+class NotRoutable(FailoverError, NotImplementedError):
+    """A driver method that failover does not route, because it cannot survive a switch.
+
+    ``dbs.redis.monitor()`` streams one server's command log; a connection pinned
+    by ``client()`` belongs to one server. The message names the method, says
+    why, and what to use instead. Not retryable: the call is refused before any
+    I/O.
+    """
+
+    def __init__(self, store: str, method: str, why: str) -> None:
+        super().__init__(f"{store}: {method}() is not available through failover: {why}")
+        self.store = store
+        self.method = method
 
 
 class OperationError(FailoverError):

@@ -63,7 +63,9 @@ from ..core.events import EventBus
 from ..core.sockets import hung_up_or_pending
 from ..core.attempt import attempt_deadline
 from ..core.store import Backend, ErrorKind, FailoverStore, StoreOptions
+from .redis_blocking import BLOCKING_COMMANDS, run_blocking
 from .redis_capture import BLOCKING_POLL_INTERVAL, Polled, RedisCapture
+from .redis_surface import RedisSurface
 
 __all__ = ["IDEMPOTENT_COMMANDS", "PoolExhausted", "RedisBackend", "RedisPipeline", "RedisStore", "create", "is_idempotent"]
 
@@ -451,7 +453,7 @@ def _redacted(endpoint: Endpoint, exc: BaseException) -> str:
 CommandStack = list[tuple[tuple[Any, ...], dict[str, Any]]]
 
 
-class RedisStore(AsyncCoreCommands):  # type: ignore[misc]
+class RedisStore(RedisSurface, AsyncCoreCommands):  # type: ignore[misc]
     """The Redis side of :class:`~failover.Databases` (``dbs.redis``).
 
     It has the command methods of ``redis.asyncio.Redis`` (``get``, ``set``,
@@ -489,10 +491,15 @@ class RedisStore(AsyncCoreCommands):  # type: ignore[misc]
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         """Run one command on the active endpoint (every command method ends here)."""
+        if args and args[0] in BLOCKING_COMMANDS:
+            # BLPOP, XREAD BLOCK, WAIT...: their own timeout, in slices that follow a switch.
+            return await run_blocking(self, args, options)
         result, _ = await self._execute(args, options)
         return result
 
-    async def _execute(self, args: tuple[Any, ...], options: dict[str, Any]) -> tuple[Any, Role]:
+    async def _execute(
+        self, args: tuple[Any, ...], options: dict[str, Any], *, idempotent: bool | None = None, timeout: float | None = None
+    ) -> tuple[Any, Role]:
         backend = self.backend
         capture = self.capture
 
@@ -503,7 +510,9 @@ class RedisStore(AsyncCoreCommands):  # type: ignore[misc]
             return await backend.execute(endpoint, args, dict(options)), endpoint.role
 
         label = _command_name(args[0]) if args else "command"
-        result = await self.failover.run(run, idempotent=is_idempotent(args), label=f"Redis {label}")
+        if idempotent is None:
+            idempotent = is_idempotent(args)
+        result = await self.failover.run(run, idempotent=idempotent, timeout=timeout, label=f"Redis {label}")
         if type(result[0]) is Polled:
             return await self._poll(run, args, label, result)
         return result
@@ -570,8 +579,9 @@ class RedisStore(AsyncCoreCommands):  # type: ignore[misc]
     def status(self) -> dict[str, Any]:
         return self.failover.status()
 
-    async def aclose(self) -> None:
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
         """Close every pool (``Databases.close()`` does it for you)."""
+        await self._close_surface()
         for endpoint in self.failover.endpoints.values():
             await self.backend.close(endpoint)
 

@@ -75,6 +75,7 @@ from ..core.clock import Clock
 from ..core.endpoint import Endpoint, Role
 from ..core.events import EventBus
 from ..core.store import Backend, ErrorKind, FailoverStore, StoreOptions
+from .mongodb_surface import BufferedCursor, RoutedCollectionSurface, RoutedDatabaseSurface, RoutedQuerySurface, start_session
 
 if TYPE_CHECKING:
     from .mongodb_capture import MongoJournal
@@ -485,7 +486,7 @@ def _database_name(endpoint: Endpoint, override: str | None) -> str:
     return override or endpoint.option("database") or DEFAULT_DATABASE
 
 
-class RoutedQuery:
+class RoutedQuery(RoutedQuerySurface):
     """A ``find()`` or ``aggregate()`` that runs on the active endpoint when it is read.
 
     Cursor modifiers (``sort``, ``limit``, ``skip``, ...) are recorded and applied
@@ -558,7 +559,7 @@ class RoutedQuery:
             yield document
 
 
-class RoutedCollection:
+class RoutedCollection(RoutedCollectionSurface):
     """An ``AsyncCollection``-like object that routes each call to the active endpoint.
 
     Reads are retried on the other endpoint after any connection-level failure.
@@ -662,10 +663,10 @@ class RoutedCollection:
     async def index_information(self, **kwargs: Any) -> dict[str, Any]:
         return dict(await self._read("index_information", **kwargs))
 
-    async def list_indexes(self, **kwargs: Any) -> list[Any]:
-        async def read(c: AsyncCollection[Any]) -> list[Any]:
+    async def list_indexes(self, **kwargs: Any) -> BufferedCursor:
+        async def read(c: AsyncCollection[Any]) -> BufferedCursor:
             cursor = await c.list_indexes(**kwargs)
-            return list(await cursor.to_list(None))
+            return BufferedCursor(await cursor.to_list(None))
 
         return await self._run(read, idempotent=True, label="list_indexes")
 
@@ -720,7 +721,7 @@ class RoutedCollection:
         await self._write("drop", (), kwargs, True, captured=False)
 
 
-class RoutedDatabase:
+class RoutedDatabase(RoutedDatabaseSurface):
     """An ``AsyncDatabase``-like object whose collections route each call at call time.
 
     ``database["items"]``, ``database.items`` and ``database.get_collection("items")``
@@ -737,7 +738,7 @@ class RoutedDatabase:
         return f"<RoutedDatabase {self.name or '<per endpoint>'}>"
 
     def __getitem__(self, name: str) -> RoutedCollection:
-        return RoutedCollection(self, name)
+        return self._collection(name)
 
     def __getattr__(self, name: str) -> RoutedCollection:
         if name.startswith("_"):
@@ -746,7 +747,7 @@ class RoutedDatabase:
 
     def get_collection(self, name: str, **options: Any) -> RoutedCollection:
         """A routed collection; *options* (``codec_options``, ``write_concern``, ...) go to PyMongo."""
-        return RoutedCollection(self, name, options)
+        return self._collection(name, options)
 
     async def _run(self, call: Callable[[AsyncDatabase[Any]], Awaitable[T]], *, idempotent: bool, label: str) -> T:
         store = self.mongo.failover
@@ -805,6 +806,11 @@ class MongoStore:
         """
         role = self.failover.switch.active_role or self.failover.switch.preferred_role
         return self.backend.current_client(self.failover.endpoints[role])
+
+    def start_session(self, **kwargs: Any) -> Any:
+        """PyMongo's ``AsyncClientSession`` on the endpoint active now; it does not survive a switch
+        (see :mod:`.mongodb_surface`)."""
+        return start_session(self, **kwargs)
 
     async def aclose(self) -> None:
         """Close every client (``Databases.close()`` calls it)."""

@@ -1,8 +1,13 @@
-"""Routing rules of FailoverStore.run with a scripted in-memory backend (pure logic, no servers)."""
+"""Routing rules of FailoverStore.run with a scripted in-memory backend (pure logic, no servers).
+
+Time is a fake clock: a test moves it with :func:`advance`, which lets the store's watchdog
+fire what became due (suspicion, deadlines, probe timeouts). Nothing here sleeps.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -36,6 +41,8 @@ class ScriptedBackend(Backend[None]):
         self.up = {Role.PRIMARY: True, Role.FALLBACK: True}
         self.hung = {Role.PRIMARY: False, Role.FALLBACK: False}
         self.drained: list[Role] = []
+        self.probes_done = {Role.PRIMARY: 0, Role.FALLBACK: 0}
+        self.probes_hanging = {Role.PRIMARY: 0, Role.FALLBACK: 0}
 
     async def open(self, endpoint: Endpoint) -> None:
         pass
@@ -48,9 +55,11 @@ class ScriptedBackend(Backend[None]):
 
     async def probe(self, endpoint: Endpoint) -> bool:
         if self.hung[endpoint.role]:
+            self.probes_hanging[endpoint.role] += 1
             await asyncio.Event().wait()
         if not self.up[endpoint.role]:
             raise NotSent("connection refused to postgresql://u:hunter2@h/db")
+        self.probes_done[endpoint.role] += 1
         return True
 
     def classify(self, exc: BaseException) -> ErrorKind:
@@ -68,6 +77,25 @@ def options(**overrides: float) -> StoreOptions:
                   healthy_threshold=2, breaker_threshold=1, failback_delay=10.0)
     values.update(overrides)
     return StoreOptions(**values)  # type: ignore[arg-type]
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    """Let other tasks run until *predicate* holds (a bounded number of loop turns, no sleeping)."""
+    for _ in range(200):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{what}: not reached")
+
+
+async def advance(store: FailoverStore[None], seconds: float) -> None:
+    """Move the store's fake clock by *seconds* and fire what became due."""
+    clock = store.clock
+    assert isinstance(clock, FakeClock)
+    clock.advance(seconds)
+    store.watchdog.check()
+    for _ in range(5):  # let the cancelled attempts and probes unwind
+        await asyncio.sleep(0)
 
 
 async def started_store(**overrides: float) -> tuple[FailoverStore[None], ScriptedBackend]:
@@ -169,14 +197,21 @@ async def test_every_endpoint_refusing_raises_no_endpoint_available() -> None:
 
 async def test_a_hung_operation_times_out_with_a_typed_error() -> None:
     store, _ = await started_store(operation_timeout=0.3)
+    started = asyncio.Event()
 
     async def op(endpoint: Endpoint) -> str:
+        started.set()
         await asyncio.Event().wait()
         return "never"
 
     try:
+        task = asyncio.create_task(store.run(op))
+        await until(started.is_set, "operation started")
+        await advance(store, 0.29)
+        assert not task.done()
+        await advance(store, 0.02)  # past the operation timeout
         with pytest.raises(OperationTimeout):
-            await store.run(op)
+            await task
     finally:
         await store.close()
 
@@ -184,35 +219,50 @@ async def test_a_hung_operation_times_out_with_a_typed_error() -> None:
 async def test_a_hung_read_moves_to_the_fallback_and_a_failed_probe_trips_the_breaker() -> None:
     store, backend = await started_store(operation_timeout=1.0, probe_timeout=0.2)
     backend.hung[Role.PRIMARY] = True
+    started = asyncio.Event()
 
     async def op(endpoint: Endpoint) -> str:
         if endpoint.role is Role.PRIMARY:
+            started.set()
             await asyncio.Event().wait()
         return "fallback answered"
 
     try:
-        assert await store.run(op, idempotent=True) == "fallback answered"
-        for _ in range(100):  # the confirmation probe runs in the background
-            if store.switch.state is SwitchState.ON_FALLBACK:
-                break
-            await asyncio.sleep(0.01)
-        assert store.switch.state is SwitchState.ON_FALLBACK
+        task = asyncio.create_task(store.run(op, idempotent=True))
+        await until(started.is_set, "read sent to the primary")
+        await advance(store, 0.1)  # the suspicion point (half the probe timeout): a probe starts, and hangs
+        await until(lambda: backend.probes_hanging[Role.PRIMARY] == 1, "confirmation probe waiting")
+        await advance(store, 0.2)  # the probe times out: the breaker trips
+        await until(lambda: store.switch.state is SwitchState.ON_FALLBACK, "failover")
         assert "probe timed out" in store.health[Role.PRIMARY].reason
+        assert not task.done()  # the read still waits for its own attempt deadline (half its budget)
+        await advance(store, 0.2)
+        assert await task == "fallback answered"
     finally:
         await store.close()
 
 
 async def test_a_slow_operation_on_a_healthy_server_does_not_switch() -> None:
-    store, _ = await started_store(operation_timeout=0.5, probe_timeout=0.1)
+    store, backend = await started_store(operation_timeout=0.5, probe_timeout=0.1)
+    started = asyncio.Event()
+
+    def confirmations() -> int:
+        return backend.probes_done[Role.PRIMARY] - 1  # the start-up probe excluded
 
     async def slow_report(endpoint: Endpoint) -> str:
-        await asyncio.sleep(1.0)
+        started.set()
+        await asyncio.Event().wait()
         return "never in time"
 
     try:
+        task = asyncio.create_task(store.run(slow_report))
+        await until(started.is_set, "report started")
+        await advance(store, 0.05)  # the suspicion point: a confirmation probe runs
+        await until(lambda: confirmations() == 1, "first confirmation")
+        await advance(store, 0.45)  # the report's deadline
         with pytest.raises(OperationTimeout):
-            await store.run(slow_report)
-        await asyncio.sleep(0.2)  # give a (wrong) confirmation the time to act
+            await task
+        await until(lambda: confirmations() == 2, "confirmation after the timeout")
         assert store.switch.state is SwitchState.ON_PRIMARY
         assert store.health[Role.PRIMARY].healthy is True
     finally:
@@ -272,7 +322,10 @@ async def test_a_pool_held_by_a_hung_server_follows_the_switch() -> None:
         return "fallback"
 
     try:
-        assert await store.run(op) == "fallback"
+        task = asyncio.create_task(store.run(op))
+        await until(lambda: backend.probes_hanging[Role.PRIMARY] == 1, "confirmation probe waiting")
+        await advance(store, 0.2)  # the confirmation probe times out: the breaker trips
+        assert await task == "fallback"
         assert store.switch.state is SwitchState.ON_FALLBACK
     finally:
         await store.close()

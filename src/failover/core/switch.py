@@ -126,12 +126,23 @@ class Switch:
         active = self.active_role
         if active is None:
             return [r for r in (Role.PRIMARY, Role.FALLBACK) if r in self.health]
+        other = self.alternative()
+        return [active] if other is None else [active, other]
+
+    def alternative(self) -> Role | None:
+        """The role an operation may try after the active one, or None (no list built: the hot path)."""
+        if self.pinned is not None:
+            return None
+        active = self.active_role
+        if active is None:
+            return None
         other = active.other
-        roles = [active]
-        if other in self.health and self.health[other].healthy is not False:
-            if not (self.state is SwitchState.ON_FALLBACK and other is Role.PRIMARY):
-                roles.append(other)
-        return roles
+        health = self.health.get(other)
+        if health is None or health.healthy is False:
+            return None
+        if self.state is SwitchState.ON_FALLBACK and other is Role.PRIMARY:
+            return None  # the primary gets traffic back through failback only
+        return other
 
     # --- transitions ----------------------------------------------------------------------
 

@@ -175,8 +175,11 @@ async def test_pubsub_listen_resumes_after_a_kill(redis_pair: tuple[LocalServer,
         await pubsub.subscribe("jobs")
         listener = asyncio.create_task(listen(pubsub))
         try:
-            await dbs.redis.publish("jobs", "before")
-            await wait_for(lambda: any(m["data"] == b"before" for m in received), 5, "the first message")
+            deadline = time.monotonic() + 5
+            while not any(m["data"] == b"before" for m in received):  # SUBSCRIBE is not awaited: repeat
+                assert time.monotonic() < deadline, received
+                await dbs.redis.publish("jobs", "before")
+                await asyncio.sleep(0.05)
             primary.kill()
             await wait_for(lambda: any(m["type"] == GAP_MESSAGE_TYPE for m in received), 10, "the gap message")
             await on_fallback(dbs)

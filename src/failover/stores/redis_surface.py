@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import ConnectionPool
 from redis.commands.redismodules import AsyncRedisModuleCommands
 from redis.commands.sentinel import AsyncSentinelCommands
+from redis.exceptions import NoScriptError
 
 from ..core.endpoint import Role
 from ..errors import NotRoutable
@@ -57,6 +58,10 @@ NOT_ROUTED: dict[str, str] = {
     "himport_registry": "HIMPORT fieldsets (experimental in redis-py) are prepared per connection and do not follow a switch",
     "himport_set": "HIMPORT fieldsets (experimental in redis-py) are prepared per connection and do not follow a switch",
 }
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _refused(name: str) -> Callable[..., Any]:
@@ -138,6 +143,33 @@ class RedisSurface(AsyncRedisModuleCommands, AsyncSentinelCommands):  # type: ig
 
     if hasattr(Redis, "keyspace_notifications"):  # redis-py 8
         keyspace_notifications = _borrowed("keyspace_notifications")
+
+    # --- scripts: a script loaded on one endpoint is loaded on the other when needed ----------
+
+    async def script_load(self, script: Any) -> Any:
+        """``SCRIPT LOAD`` on the active endpoint; the script is remembered, so an ``EVALSHA`` of it
+        that reaches an endpoint without it (after a switch) loads it there and runs."""
+        sha = await super().script_load(script)  # type: ignore[misc]
+        self.__dict__.setdefault("_failover_scripts", {})[_text(sha)] = script
+        return sha
+
+    async def evalsha(self, sha: Any, numkeys: int, *keys_and_args: Any) -> Any:
+        return await self._evalsha_loading("evalsha", sha, numkeys, *keys_and_args)
+
+    async def evalsha_ro(self, sha: Any, numkeys: int, *keys_and_args: Any) -> Any:
+        return await self._evalsha_loading("evalsha_ro", sha, numkeys, *keys_and_args)
+
+    async def _evalsha_loading(self, method: str, sha: Any, numkeys: int, *keys_and_args: Any) -> Any:
+        run = getattr(super(), method)
+        try:
+            return await run(sha, numkeys, *keys_and_args)
+        except NoScriptError:
+            # NOSCRIPT: nothing ran. A script we saw loaded is loaded on this endpoint too.
+            script = self.__dict__.get("_failover_scripts", {}).get(_text(sha))
+            if script is None:
+                raise
+            await self.execute_command("SCRIPT LOAD", script)
+            return await run(sha, numkeys, *keys_and_args)
 
     # --- transactions, callbacks, modules ---------------------------------------------------
 

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from failover import (
+    last_served,
     Databases,
     FailoverError,
     NoEndpointAvailable,
@@ -67,7 +68,7 @@ def write_and_read(dbs: Databases) -> Any:
             await dbs.postgres.execute("insert into items (id, note) values (%s, 'traffic')", (i,))
         else:
             await dbs.postgres.fetchone("select count(*) from items")
-        endpoint = dbs.postgres.active_endpoint
+        endpoint = last_served()  # the endpoint that served this call, not the one active after it
         return str(endpoint.role) if endpoint else "none"
 
     return operation
@@ -346,8 +347,11 @@ async def test_insert_returning_is_not_a_read_but_runs_elsewhere_when_rolled_bac
     try:
         await dbs.postgres.fetchone("select 1")  # a pooled connection, idle and alive
         primary.pause()
+        idle = dbs.postgres.backend.stats()["primary"]["pool_available"]
         task = asyncio.create_task(dbs.postgres.fetchone("insert into items values (77, 'once') returning id"))
-        await asyncio.sleep(0.1)  # let it be sent to the hung server
+        # Sent once its connection left the pool: the statement goes out in the same step as
+        # the checkout, before the task first waits (for the hung server's reply).
+        await wait_for(lambda: dbs.postgres.backend.stats()["primary"]["pool_available"] < idle, 5, "statement sent")
         await asyncio.to_thread(primary.kill)
         # Its COMMIT was never sent, so the primary rolled it back: it runs on the fallback, once.
         assert await task == (77,)

@@ -14,6 +14,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from failover import (
+    last_served,
     Databases,
     FailoverError,
     NoEndpointAvailable,
@@ -68,7 +69,7 @@ def reads_and_writes(dbs: Databases) -> Callable[[int], Any]:
             await dbs.redis.get(f"key:{i % 50}")
         else:
             await dbs.redis.incr("counter")
-        endpoint = dbs.redis.active_endpoint
+        endpoint = last_served()  # the endpoint that served this call, not the one active after it
         return str(endpoint.role) if endpoint else "none"
 
     return operation

@@ -44,7 +44,7 @@ from ..core.attempt import attempt_deadline, current_attempt
 from ..core.clock import Clock
 from ..core.events import EventBus
 from ..core.store import Backend, ErrorKind, FailoverStore, StoreOptions
-from ..errors import OperationTimeout, OutcomeUnknown, TransactionRolledBack
+from ..errors import OperationTimeout, TransactionRolledBack
 
 __all__ = ["FailoverConnection", "PostgresBackend", "PostgresStore", "create"]
 
@@ -592,25 +592,31 @@ class PostgresStore:
                 healthy_exit = True
             except BaseException:
                 if not conn.broken and not conn.closed and not deadline.fired:
-                    try:
+                    # A failed rollback leaves the connection to be closed below; a
+                    # cancellation during it propagates (it is never swallowed).
+                    with contextlib.suppress(Exception):
                         await conn.rollback()
                         healthy_exit = True
-                    except BaseException:
-                        pass
                 raise
         except (psycopg.Error, OSError) as exc:
             if deadline.fired:
                 raise self.failover.lost_during(endpoint, TimeoutError(), "transaction") from exc
-            mapped = self.failover.lost_during(endpoint, exc, "transaction")
+            store = self.failover
+
+            def rolled_back(reason: str) -> TransactionRolledBack:
+                return TransactionRolledBack(
+                    f"{store.name}: connection to {endpoint.name} failed before COMMIT was sent; "
+                    f"the transaction was rolled back and can be run again ({reason})",
+                    store=store.name,
+                    endpoint=endpoint.name,
+                )
+
+            # The decision table: a connection lost before COMMIT was sent applied nothing.
+            mapped = store.lost_during(
+                endpoint, exc, "transaction", maybe_sent=may_have_committed(conn, block_commits), not_applied=rolled_back
+            )
             if mapped is exc:
                 raise
-            if isinstance(mapped, OutcomeUnknown) and not may_have_committed(conn, block_commits):
-                raise TransactionRolledBack(
-                    f"{self.failover.name}: connection to {endpoint.name} failed before COMMIT was sent; "
-                    f"the transaction was rolled back and can be run again ({self.failover.describe(endpoint, exc)})",
-                    store=self.failover.name,
-                    endpoint=endpoint.name,
-                ) from exc
             raise mapped from exc
         finally:
             deadline.cancel()
@@ -661,8 +667,11 @@ class PostgresStore:
                     else:
                         try:
                             await conn.rollback()
-                        except BaseException:
+                        except BaseException as rollback_error:
                             await conn.close()
+                            if not isinstance(rollback_error, Exception):  # cancelled while rolling back
+                                await pool.putconn(conn)
+                                raise
                 await pool.putconn(conn)
 
         return await store.run(run, idempotent=idempotent, timeout=budget, label="statement")

@@ -61,7 +61,7 @@ from ..core.clock import Clock
 from ..core.endpoint import Endpoint, Role
 from ..core.events import EventBus
 from ..core.sockets import hung_up_or_pending
-from ..core.attempt import attempt_deadline
+from ..core.attempt import attempt_remaining
 from ..core.store import Backend, ErrorKind, FailoverStore, StoreOptions
 from .redis_blocking import BLOCKING_COMMANDS, run_blocking
 from .redis_capture import BLOCKING_POLL_INTERVAL, Polled, RedisCapture
@@ -164,6 +164,12 @@ def _count(pool: BlockingConnectionPool, attribute: str) -> int | None:
         return len(value) if value is not None else None
     except TypeError:
         return None
+
+
+def _idle_count(pool: BlockingConnectionPool) -> int | None:
+    """Idle connections of *pool* (the hot path: one attribute read when redis-py has the list)."""
+    idle = getattr(pool, "_available_connections", None)
+    return len(idle) if type(idle) is list else _count(pool, "_available_connections")
 
 
 def pool_counts(pool: BlockingConnectionPool) -> tuple[int | None, int | None]:
@@ -303,18 +309,19 @@ class RedisBackend(Backend[BlockingConnectionPool]):
         Raises ``CommandNotSent`` (classified NOT_SENT) when there is none. The caller
         must ``release`` it to the pool.
         """
-        pool = self.pool(endpoint)
-        # Wait for a free connection as long as the attempt allows (leaving a little for
-        # sending); connecting itself is bounded by socket_connect_timeout.
-        deadline = attempt_deadline()
-        budget = self.connect_timeout if deadline is None else max(0.001, deadline - time.monotonic() - 0.01)
+        client = self._clients.get(endpoint.role)
+        pool = client.connection_pool if client is not None else self.pool(endpoint)
         conn: AbstractConnection | None = None
         try:
-            if pool_counts(pool)[1]:
+            if _idle_count(pool):
                 # An idle connection is there: nothing to wait for, no timer on the hot path.
                 conn = await pool.get_connection(*_GET_CONNECTION_ARGS)
             else:
-                # Waiting for a slot, or connecting (AUTH may wait on a hung server).
+                # Waiting for a slot, or connecting (AUTH may wait on a hung server): as long as
+                # the attempt allows, leaving a little for sending (connecting itself is bounded
+                # by socket_connect_timeout).
+                remaining = attempt_remaining()
+                budget = self.connect_timeout if remaining is None else max(0.001, remaining - 0.01)
                 async with asyncio.timeout(budget):
                     conn = await pool.get_connection(*_GET_CONNECTION_ARGS)
             alive = _idle_and_alive(conn)
@@ -507,7 +514,7 @@ class RedisStore(RedisSurface, AsyncCoreCommands):  # type: ignore[misc]
             if capture is not None and endpoint.role is Role.FALLBACK:
                 # Writes on the fallback carry their capture mark (see redis_capture).
                 return await capture.execute(backend, endpoint, args, options), endpoint.role
-            return await backend.execute(endpoint, args, dict(options)), endpoint.role
+            return await backend.execute(endpoint, args, options), endpoint.role  # it unpacks **options: no copy
 
         label = _command_name(args[0]) if args else "command"
         if idempotent is None:

@@ -75,7 +75,14 @@ class StateChanged(Event):
 
 @dataclass(frozen=True, slots=True)
 class FailoverStarted(StateChanged):
-    """Traffic moved from the primary to the fallback."""
+    """Traffic moved from the primary to the fallback.
+
+    ``rpo_s``: with warm sync, the fallback's lag (seconds) when the primary was last known
+    alive: writes committed on the primary in that window may be missing on the fallback.
+    None without warm sync (or before its first measurement).
+    """
+
+    rpo_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

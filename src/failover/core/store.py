@@ -28,6 +28,7 @@ from .monitor import Monitor
 from .reconcile import Admission, Capture, ConflictPolicy, Reconciler
 from .routing import Action, ErrorKind, decide
 from .switch import Switch
+from .warm import WarmDriver, WarmSync
 
 __all__ = ["Backend", "ErrorKind", "FailoverStore", "StoreOptions", "last_served"]
 
@@ -155,6 +156,7 @@ class FailoverStore(Generic[ClientT]):
         bus: EventBus | None = None,
         clock: Clock | None = None,
         capture: Capture | None = None,
+        warm: WarmSync | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError(f"the {backend.store} store needs at least one endpoint")
@@ -198,6 +200,10 @@ class FailoverStore(Generic[ClientT]):
                 hold=options.reconcile_hold,
                 batch_size=options.reconcile_batch,
             )
+        self.warm: WarmDriver | None = None
+        if warm is not None and len(endpoints) == 2:
+            self.warm = WarmDriver(self, warm, interval=min(options.probe_interval, 1.0))
+            self.switch.lag_at_failover = self.warm.lag_at_failover
         self.counters = {"operations": 0, "retries": 0, "errors": 0}
         self._started = False
         self._closed = False
@@ -228,11 +234,15 @@ class FailoverStore(Generic[ClientT]):
             if isinstance(result, BaseException):
                 logger.warning("warming %s %s failed: %s", self.name, endpoint.name, self.describe(endpoint, result))
         self.monitor.start()
+        if self.warm is not None:
+            self.warm.start()
         self._started = True
 
     async def close(self) -> None:
         self._closed = True
         await self.monitor.stop()
+        if self.warm is not None:
+            await self.warm.stop()
         if self.reconciler is not None:
             await self.reconciler.stop()
             with contextlib.suppress(Exception):
@@ -703,6 +713,7 @@ class FailoverStore(Generic[ClientT]):
             "transitions": [t.to_dict() for t in reversed(self.switch.history)],
             "counters": dict(self.counters, switches=self.switch.switches),
             "reconcile": self.reconciler.snapshot() if self.reconciler is not None else {"enabled": False},
+            "warm": self.warm.snapshot() if self.warm is not None else {"enabled": False, "state": "off", "lag_s": None},
         }
 
 

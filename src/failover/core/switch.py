@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .clock import Clock
@@ -96,6 +97,8 @@ class Switch:
         self.pinned: Role | None = None
         self.history: collections.deque[Transition] = collections.deque(maxlen=history_size)
         self.switches = 0
+        self.lag_at_failover: Callable[[], float | None] | None = None
+        """Set by warm sync: the fallback's lag when a failover happens (``FailoverStarted.rpo_s``)."""
 
     # --- queries --------------------------------------------------------------------------
 
@@ -270,6 +273,12 @@ class Switch:
             event_type = StateChanged
         log = logger.warning if target in (SwitchState.UNAVAILABLE, SwitchState.ON_FALLBACK) else logger.info
         log("%s: %s -> %s (%s)", self.store, source, target, reason)
-        event = event_type(store=self.store, at=at, from_state=source, to_state=target, reason=reason)
+        if event_type is FailoverStarted:
+            rpo = self.lag_at_failover() if self.lag_at_failover is not None else None
+            event: StateChanged = FailoverStarted(
+                store=self.store, at=at, from_state=source, to_state=target, reason=reason, rpo_s=rpo
+            )
+        else:
+            event = event_type(store=self.store, at=at, from_state=source, to_state=target, reason=reason)
         self._bus.emit(event)
         return event

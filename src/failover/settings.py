@@ -114,6 +114,11 @@ class Settings(BaseSettings):
         "FAILOVER_RECONCILE_HOLD", 2.0, "seconds new operations may wait for the final catch-up of a reconcile", gt=0
     )
     reconcile_batch: int = _env("FAILOVER_RECONCILE_BATCH", 500, "captured keys copied per reconcile batch", ge=1)
+    warm: bool = _env(
+        "FAILOVER_WARM",
+        True,
+        "keep the fallback a copy of the primary while the store is on it (on|off; on needs servers that allow it)",
+    )
 
     # --- display names (default: derived from the URL host) ---------------------------
     postgres_primary_name: str | None = _env("FAILOVER_POSTGRES_PRIMARY_NAME", None, "display name")

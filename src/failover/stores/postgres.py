@@ -816,4 +816,11 @@ def create(
         from .postgres_capture import PostgresCapture
 
         capture = PostgresCapture(tables=settings.protected_tables(), connect_timeout=settings.connect_timeout)
-    return PostgresStore(FailoverStore(backend, endpoints, options, bus=bus, clock=clock, capture=capture), backend)
+    warm = None
+    if getattr(settings, "warm", False) and len(endpoints) == 2:
+        from .postgres_warm import PostgresWarmSync
+
+        warm = PostgresWarmSync(tables=settings.protected_tables(), connect_timeout=settings.connect_timeout)
+    return PostgresStore(
+        FailoverStore(backend, endpoints, options, bus=bus, clock=clock, capture=capture, warm=warm), backend
+    )

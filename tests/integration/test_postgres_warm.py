@@ -1,0 +1,326 @@
+"""PostgreSQL warm sync on real servers: the fallback follows the primary, and the lag is measured.
+
+Every check reads the servers with the raw driver; the status document is what is
+being tested, never the way to verify it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from failover import Databases, OutcomeUnknown, SwitchState
+from failover.core.events import Event, FailoverStarted
+from failover.local import LocalServer
+
+from ..helpers import fast_settings, wait_for
+
+pytestmark = pytest.mark.integration
+
+ITEMS = "create table if not exists items (id bigserial primary key, note text not null, n bigint not null default 0)"
+
+
+def sql(server: LocalServer, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement on *server* with the raw driver (autocommit); return its rows."""
+    with psycopg.connect(server.url, connect_timeout=3, autocommit=True) as conn:
+        cur = conn.execute(statement, params)
+        return cur.fetchall() if cur.description else []
+
+
+def on_both(pair: tuple[LocalServer, LocalServer], statement: str) -> None:
+    for server in pair:
+        sql(server, statement)
+
+
+def state(dbs: Databases) -> SwitchState:
+    return dbs.store("postgres").switch.state
+
+
+def warm(dbs: Databases) -> dict[str, Any]:
+    return dbs.status()["postgres"]["warm"]
+
+
+def subscription(fallback: LocalServer) -> dict[str, Any]:
+    """The subscription as the fallback's catalogs see it."""
+    rows = sql(
+        fallback,
+        "select s.subenabled, (select count(*) from pg_stat_subscription w where w.subid = s.oid and w.pid is not null), "
+        "coalesce(st.apply_error_count, 0), coalesce(st.sync_error_count, 0) "
+        "from pg_subscription s left join pg_stat_subscription_stats st on st.subid = s.oid "
+        "where s.subname = 'failover_warm'",
+    )
+    if not rows:
+        return {}
+    enabled, workers, apply_errors, sync_errors = rows[0]
+    return {"enabled": enabled, "workers": workers, "apply_errors": apply_errors, "sync_errors": sync_errors}
+
+
+async def start(pair: tuple[LocalServer, LocalServer], **overrides: Any) -> Databases:
+    dbs = Databases(fast_settings(SUPABASE_DB_URL=pair[0].url, POSTGRES_URL=pair[1].url, **overrides))
+    await dbs.start()
+    return dbs
+
+
+async def streaming(dbs: Databases, timeout: float = 30) -> None:
+    await wait_for(lambda: warm(dbs)["state"] == "streaming" and warm(dbs)["lag_s"] is not None, timeout, "warm sync streaming")
+
+
+async def outage(dbs: Databases, primary: LocalServer) -> float:
+    """Kill the primary, wait until the store serves from the fallback; return the kill's monotonic time."""
+    killed = time.monotonic()
+    await asyncio.to_thread(primary.kill)
+    await wait_for(lambda: state(dbs) is SwitchState.ON_FALLBACK, 10, "failover")
+    return killed
+
+
+async def failback(dbs: Databases, primary: LocalServer) -> None:
+    await asyncio.to_thread(primary.start)
+    await wait_for(lambda: state(dbs) is SwitchState.ON_PRIMARY, 30, "failback after reconcile")
+
+
+class Writer:
+    """Writes through failover in a loop: inserts (default ids), updates and deletes of its own rows.
+
+    ``final`` holds each acknowledged key's final value (None: deleted); ``acked`` the monotonic
+    time of each key's last acknowledged write; keys whose last write had an unknown outcome are
+    left out of both.
+    """
+
+    def __init__(self, dbs: Databases) -> None:
+        self.dbs = dbs
+        self.final: dict[int, str | None] = {}
+        self.acked: dict[int, float] = {}
+        self.unknown: set[int] = set()
+        self.errors: list[BaseException] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            key: int | None = None
+            try:
+                live = [k for k, v in self.final.items() if v is not None]
+                if i % 4 == 3 and live:
+                    key = live[(i * 7919) % len(live)]
+                    await self.dbs.postgres.execute("update items set note = %s where id = %s", (f"u{i}", key))
+                    self.final[key], self.acked[key] = f"u{i}", time.monotonic()
+                elif i % 10 == 9 and live:
+                    key = live[(i * 104729) % len(live)]
+                    await self.dbs.postgres.execute("delete from items where id = %s", (key,))
+                    self.final[key], self.acked[key] = None, time.monotonic()
+                else:
+                    row = await self.dbs.postgres.fetchone("insert into items (note) values (%s) returning id", (f"i{i}",))
+                    key = int(row[0])
+                    self.final[key], self.acked[key] = f"i{i}", time.monotonic()
+            except OutcomeUnknown:
+                if key is not None:
+                    self.unknown.add(key)
+                    self.final.pop(key, None)
+            except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
+                self.errors.append(exc)
+            await asyncio.sleep(0.003)
+
+    def start(self) -> Writer:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await asyncio.wait_for(self._task, 30)
+
+    def expected_before(self, moment: float) -> dict[int, str | None]:
+        """Final values of the keys whose last acknowledged write came before *moment*."""
+        return {k: v for k, v in self.final.items() if self.acked[k] < moment and k not in self.unknown}
+
+
+def server_errors(server: LocalServer) -> list[str]:
+    """ERROR lines of *server*'s log (for failure messages)."""
+    log = server.data_dir.parent / f"{server.data_dir.name}.log"
+    lines = log.read_text(errors="replace").splitlines()
+    return [line for line in lines if "ERROR" in line or "CONTEXT" in line][-10:]
+
+
+def rows(server: LocalServer) -> dict[int, str]:
+    return {int(k): v for k, v in sql(server, "select id, note from items")}
+
+
+def missing(expected: dict[int, str | None], actual: dict[int, str]) -> list[tuple[int, str | None, str | None]]:
+    return [(k, v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v]
+
+
+async def test_a_write_on_the_primary_is_on_the_fallback_when_the_primary_dies_within_the_reported_lag(
+    pg_pair: tuple[LocalServer, LocalServer],
+) -> None:
+    primary, fallback = pg_pair
+    on_both(pg_pair, ITEMS)
+    dbs = await start(pg_pair)
+    events: list[Event] = []
+    dbs.events.subscribe(events.append)
+    try:
+        await streaming(dbs)
+        assert subscription(fallback)["enabled"] is True
+        writer = Writer(dbs).start()
+        await asyncio.sleep(1.0)
+        lag_before = warm(dbs)["lag_s"]
+        assert lag_before is not None and lag_before < 1.0, warm(dbs)
+        killed = await outage(dbs, primary)
+        await writer.stop()
+        status = warm(dbs)
+        rpo = status["rpo_at_last_failover_s"]
+        assert rpo is not None and rpo < 1.0, status
+        failovers = [e for e in events if isinstance(e, FailoverStarted)]
+        assert failovers and failovers[-1].rpo_s is not None and failovers[-1].rpo_s < 1.0, failovers
+        # Nothing more lands on the fallback: the subscription is off, its workers gone.
+        await wait_for(lambda: subscription(fallback)["workers"] == 0, 5, "subscription workers stopped")
+        assert subscription(fallback)["enabled"] is False
+        assert status["state"] == "off"
+        # Every write acknowledged before the reported lag (plus one heartbeat of resolution) is there.
+        horizon = killed - rpo - status["heartbeat_interval_s"] - 0.05
+        expected = writer.expected_before(horizon)
+        assert len(expected) > 50, "the writer made too few writes before the kill"
+        # Read through failover: the store serves from the fallback now.
+        served = {int(k): v for k, v in await dbs.postgres.fetch("select id, note from items")}
+        assert missing(expected, served) == []
+        later = writer.expected_before(killed + 1) .keys() - expected.keys()
+        print(f"lag before {lag_before}s, rpo {rpo}s; {len(expected)} keys checked; {len(later)} written in the last window")
+    finally:
+        await dbs.close()
+
+
+async def test_initial_copy_of_a_non_empty_primary_reports_progress_while_the_application_works(
+    pg_pair: tuple[LocalServer, LocalServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    primary, fallback = pg_pair
+    on_both(pg_pair, ITEMS)
+    on_both(pg_pair, "create table other (k text primary key, v int)")
+    sql(primary, "insert into items (note) select 'row ' || g from generate_series(1, 400000) g")
+    sql(primary, "insert into other select 'k' || g, g from generate_series(1, 1000) g")
+    # The fallback holds an old version of some rows: the copy replaces them instead of stopping.
+    sql(fallback, "insert into items (id, note) select g, 'stale' from generate_series(1, 100) g")
+    caplog.set_level("INFO", logger="failover.warm")
+    dbs = await start(pg_pair)
+    try:
+        seen: list[dict[str, Any]] = []
+
+        def copying() -> bool:
+            doc = warm(dbs)
+            if doc["state"] == "copying" and doc["copy"] and doc["copy"]["rows_done"]:
+                seen.append(doc["copy"])
+            return doc["state"] == "streaming"
+
+        writes = 0
+        deadline = time.monotonic() + 60
+        while not copying():
+            assert time.monotonic() < deadline, f"initial copy did not finish: {warm(dbs)}"
+            await dbs.postgres.execute("insert into other values (%s, 1)", (f"app{writes}",))  # the app works meanwhile
+            writes += 1
+            await asyncio.sleep(0.02)
+        assert seen, "no copy progress was ever reported"
+        last = seen[-1]
+        assert last["rows_total"] and last["rows_total"] >= 400_000 * 0.9, last
+        assert 0 < last["rows_done"] <= last["rows_total"], last
+        assert writes > 0
+        assert any("initial copy into" in r.getMessage() for r in caplog.records)
+        await wait_for(lambda: (warm(dbs)["lag_s"] or 9) < 1, 10, "caught up")
+        await wait_for(
+            lambda: sql(fallback, "select count(*) from other")[0][0] == sql(primary, "select count(*) from other")[0][0],
+            10,
+            "the application's writes made during the copy reach the fallback",
+        )
+        assert sql(fallback, "select count(*), count(*) filter (where note = 'stale') from items")[0] == (400_000, 0)
+        assert subscription(fallback)["apply_errors"] == 0 and subscription(fallback)["sync_errors"] == 0
+        # Replicated rows are not captured as writes made on the fallback.
+        assert sql(fallback, "select count(*) from failover.changes")[0][0] == 0
+    finally:
+        await dbs.close()
+
+
+async def test_outage_reconcile_failback_and_a_second_outage_keep_every_acknowledged_write(
+    pg_pair: tuple[LocalServer, LocalServer],
+) -> None:
+    primary, fallback = pg_pair
+    on_both(pg_pair, ITEMS)
+    sql(primary, "insert into items (note) select 'seed ' || g from generate_series(1, 2000) g")
+    dbs = await start(pg_pair)
+    try:
+        await streaming(dbs)
+        writer = Writer(dbs).start()
+        await asyncio.sleep(0.8)
+
+        # First outage: the fallback takes the writes, the subscription is off.
+        await outage(dbs, primary)
+        await wait_for(lambda: subscription(fallback)["workers"] == 0, 5, "subscription stopped")
+        await asyncio.sleep(1.0)
+        on_fallback = sql(fallback, "select count(*) from failover.changes")[0][0]
+        assert on_fallback > 0, "no write landed on the fallback during the outage"
+
+        # Reconcile and failback: the subscription resumes from its slot, without stalling.
+        await failback(dbs, primary)
+        await wait_for(lambda: subscription(fallback).get("enabled") is True, 10, "subscription enabled again")
+        # The apply worker's connection broke when the primary died (one error, before failover
+        # stopped the subscription): from here on there must be none.
+        base = subscription(fallback)
+        await asyncio.sleep(1.0)
+        await wait_for(lambda: warm(dbs)["state"] == "streaming" and (warm(dbs)["lag_s"] or 9) < 1, 15, "caught up")
+        assert warm(dbs)["copy"] is None, "failback started a new initial copy"
+        sub = subscription(fallback)
+        assert sub["workers"] >= 1, sub
+        assert (sub["apply_errors"], sub["sync_errors"]) == (base["apply_errors"], base["sync_errors"]), (
+            sub,
+            server_errors(fallback),
+        )
+        assert warm(dbs)["apply_errors"] == 0
+
+        # Second outage: the fallback serves the data the primary had when it died.
+        lag = warm(dbs)["lag_s"]
+        killed = await outage(dbs, primary)
+        rpo = warm(dbs)["rpo_at_last_failover_s"]
+        assert rpo is not None and rpo < 1.0, warm(dbs)
+        horizon = killed - max(rpo, lag) - warm(dbs)["heartbeat_interval_s"] - 0.05
+        expected = writer.expected_before(horizon)
+        served = {int(k): v for k, v in await dbs.postgres.fetch("select id, note from items")}
+        assert missing(expected, served) == [], "the fallback lacks writes made on the primary before the second outage"
+        await asyncio.sleep(0.8)
+        await failback(dbs, primary)
+        await writer.stop()
+        assert not writer.errors, writer.errors[:3]
+
+        # Every acknowledged write is on the primary (raw driver), and the fallback converges to it.
+        assert missing(writer.expected_before(time.monotonic() + 1), rows(primary)) == []
+        await wait_for(lambda: (warm(dbs)["lag_s"] or 9) < 1, 15, "caught up after the second failback")
+        await wait_for(lambda: rows(fallback) == rows(primary), 10, "fallback equal to primary")
+        sub = subscription(fallback)
+        # The second kill may cost the worker one connection error too; nothing else.
+        assert sub["apply_errors"] <= base["apply_errors"] + 1 and sub["sync_errors"] == base["sync_errors"], (
+            sub,
+            server_errors(fallback),
+        )
+        assert warm(dbs)["apply_errors"] == 0
+        # Ids generated on the fallback stayed clear of the primary's.
+        fallback_next = sql(fallback, "select last_value from items_id_seq")[0][0]
+        primary_max = sql(primary, "select max(id) from items where id < 1000000000")[0][0]
+        assert fallback_next > primary_max + 1_000_000_000
+    finally:
+        await dbs.close()
+
+
+async def test_warm_off_leaves_the_fallback_cold(pg_pair: tuple[LocalServer, LocalServer]) -> None:
+    primary, fallback = pg_pair
+    on_both(pg_pair, ITEMS)
+    dbs = await start(pg_pair, FAILOVER_WARM="off")
+    try:
+        await dbs.postgres.execute("insert into items (note) values ('primary only')")
+        await asyncio.sleep(1.0)
+        assert warm(dbs) == {"enabled": False, "state": "off", "lag_s": None}
+        assert sql(fallback, "select count(*) from items")[0][0] == 0
+        assert sql(fallback, "select count(*) from pg_subscription")[0][0] == 0
+        assert sql(primary, "select count(*) from pg_publication")[0][0] == 0
+    finally:
+        await dbs.close()

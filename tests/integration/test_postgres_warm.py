@@ -324,3 +324,31 @@ async def test_warm_off_leaves_the_fallback_cold(pg_pair: tuple[LocalServer, Loc
         assert sql(primary, "select count(*) from pg_publication")[0][0] == 0
     finally:
         await dbs.close()
+
+
+async def test_the_service_shows_warm_sync_in_health_details_and_metrics(pg_pair: tuple[LocalServer, LocalServer]) -> None:
+    from failover.service import create_app
+    from tests.integration.test_service import _sample, serving, stack_settings
+
+    on_both(pg_pair, ITEMS)
+    token = "tok-warm-11"
+    auth = {"Authorization": f"Bearer {token}"}
+    app = create_app(stack_settings(pg_pair, FAILOVER_HEALTH_TOKEN=token))
+    async with serving(app) as client:
+
+        async def streaming_in_health() -> dict[str, Any]:
+            deadline = time.monotonic() + 30
+            while True:
+                body = (await client.get("/api/v1/health/databases", headers=auth)).json()
+                doc = body["postgres"].get("warm") or {}
+                if doc.get("state") == "streaming" and doc.get("lag_s") is not None:
+                    return doc
+                assert time.monotonic() < deadline, body["postgres"].get("warm")
+                await asyncio.sleep(0.1)
+
+        doc = await streaming_in_health()
+        assert doc["lag_s"] < 1.0 and doc["apply_errors"] == 0 and doc["synced_tables"] == ["public.items"]
+        metrics = (await client.get("/metrics", headers=auth)).text
+        lag = _sample(metrics, "failover_warm_lag_seconds", store="postgres")
+        assert lag is not None and lag < 1.0
+        assert _sample(metrics, "failover_warm_state", store="postgres", state="streaming") == 1.0

@@ -117,6 +117,14 @@ class _StatusCollector(Collector):
             "tables whose writes on the fallback cannot be reconciled (no primary key)",
             labels=["store"],
         )
+        warm_lag = GaugeMetricFamily(
+            "failover_warm_lag_seconds",
+            "how far the fallback trails the primary, measured by heartbeat (absent while unknown)",
+            labels=["store"],
+        )
+        warm_state = GaugeMetricFamily(
+            "failover_warm_state", "1 for the warm sync state of each store", labels=["store", "state"]
+        )
         for name, store in self._databases.stores.items():
             role = store.switch.active_role
             for candidate in store.endpoints:
@@ -139,7 +147,17 @@ class _StatusCollector(Collector):
                 applied.add_metric([name], float(reconcile.get("applied") or 0))
                 if isinstance(reconcile.get("unprotected_tables"), list):
                     unprotected.add_metric([name], float(len(reconcile["unprotected_tables"])))
-        yield from (active, state, up, healthy, operations, errors, retries, switches, backlog, applied, unprotected)
+            warm = getattr(store, "warm", None)
+            if warm is not None:
+                doc = warm.snapshot()
+                if doc.get("lag_s") is not None:
+                    warm_lag.add_metric([name], float(doc["lag_s"]))
+                for each in ("copying", "streaming", "off", "broken"):
+                    warm_state.add_metric([name, each], 1.0 if doc.get("state") == each else 0.0)
+        yield from (
+            active, state, up, healthy, operations, errors, retries, switches, backlog, applied, unprotected,
+            warm_lag, warm_state,
+        )  # fmt: skip
 
 
 class FailoverMetrics:

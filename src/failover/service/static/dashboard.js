@@ -146,6 +146,38 @@
     ].concat(children));
   }
 
+  // The warm sync block: how far the fallback trails the primary, and the initial copy while it runs.
+  function warmBlock(w) {
+    if (!w || !w.enabled) {
+      return el("div", { className: "reconcile off", "data-field": "warm", "data-enabled": "false", text: "warm sync: off" });
+    }
+    var lag = typeof w.lag_s === "number" ? (w.lag_s < 0.001 ? "< 1 ms" : duration(w.lag_s)) : "–";
+    var stats = [["state", w.state || ""], ["lag", lag],
+      ["RPO at last failover", typeof w.rpo_at_last_failover_s === "number" ? duration(w.rpo_at_last_failover_s) : "–"]
+    ].map(function (pair) {
+      return el("span", { "data-warm": pair[0] }, [el("span", { className: "muted", text: pair[0] + " " }), el("b", { text: pair[1] })]);
+    });
+    var children = [el("div", { className: "reconcile-stats" }, stats)];
+    var copy = w.copy;
+    if (copy && typeof copy.rows_done === "number") {
+      var done = copy.rows_total ? Math.max(0, Math.min(1, copy.rows_done / copy.rows_total)) : 0;
+      var bar = el("div", { className: "bar" });
+      bar.style.width = Math.round(done * 100) + "%";
+      children.push(el("div", { className: "progress", "data-field": "warm-copy", "data-done": String(done) }, [bar]));
+      children.push(el("div", {
+        className: "muted", "data-field": "warm-copy-text",
+        text: "initial copy: " + copy.rows_done + " of " + (copy.rows_total === null ? "?" : copy.rows_total) + " rows" +
+          (typeof copy.rate_per_s === "number" ? " · " + Math.round(copy.rate_per_s) + " rows/s" : "") +
+          (typeof copy.eta_s === "number" ? " · ETA " + duration(copy.eta_s) : "")
+      }));
+    }
+    var why = w.error || (w.state === "off" ? w.reason : null);
+    if (why) { children.push(el("div", { className: "reason", "data-field": "warm-reason", text: why })); }
+    return el("div", { className: "reconcile", "data-field": "warm", "data-enabled": "true", "data-state": w.state || "" }, [
+      el("h3", { text: "Warm fallback" + (w.mechanism ? " · " + w.mechanism : "") })
+    ].concat(children));
+  }
+
   function storeCard(name, st, local, processes, run) {
     var endpoints = st.endpoints || {};
     var rows = [];
@@ -179,13 +211,17 @@
         return el("span", { "data-counter": k, text: k + ": " + counters[k] });
       })),
       reconcileBlock(st.reconcile, run),
+      warmBlock(st.warm),
       el("h3", { text: "Transitions" }),
       el("table", { className: "transitions" }, [el("tbody", {}, transitions.length ? transitions : [el("tr", {}, [el("td", { text: "none yet" })])])])
     ]);
   }
 
   function eventDetail(e) {
-    if (e.reason) { return (e.from_state ? e.from_state + " → " + e.to_state + ": " : "") + e.reason; }
+    if (e.reason) {
+      return (e.from_state ? e.from_state + " → " + e.to_state + ": " : "") + e.reason +
+        (typeof e.rpo_s === "number" ? " · RPO " + duration(e.rpo_s) : "");
+    }
     if (e.kind === "ReconcileStarted") { return "backlog " + e.backlog + (e.gated ? ", before failback" : ", sweep"); }
     if (e.kind === "ReconcileCompleted") {
       return e.result + ": " + e.applied + " applied, " + e.conflicts + " conflicts in " + duration(e.duration);

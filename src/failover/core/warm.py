@@ -165,6 +165,7 @@ class WarmDriver:
         self.last_failover: dict[str, Any] | None = None
         self._sent: collections.deque[tuple[int, float]] = collections.deque(maxlen=_SENT_KEPT)
         self._seen = -1
+        self._seen_sent: float | None = None  # when the newest applied heartbeat was sent
         self._delay: float | None = None
         self._last_ack: float | None = None
         self._copy_started: float | None = None
@@ -213,6 +214,7 @@ class WarmDriver:
     async def _loop(self) -> None:
         while True:
             started = time.monotonic()
+            self._wake.clear()  # before the tick: a transition during it must not be missed
             try:
                 await self._tick()
             except asyncio.CancelledError:
@@ -220,7 +222,6 @@ class WarmDriver:
             except Exception as exc:  # a tick never kills the loop: the next one tries again
                 self.error = self._describe(exc)
                 logger.warning("%s: warm sync: %s", self._store.name, self.error)
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, self.interval - (time.monotonic() - started))):
                     await self._wake.wait()
@@ -289,6 +290,7 @@ class WarmDriver:
             number, sent = self._sent.popleft()
             if number == seen:
                 delay = at - sent
+                self._seen_sent = sent
         self._seen = seen
         if delay is not None:
             self._delay = delay
@@ -376,10 +378,19 @@ class WarmDriver:
     # --- events ---------------------------------------------------------------------------
 
     def _lag_at_last_ack(self) -> float | None:
-        """The lag when the primary was last known alive (its last heartbeat acknowledged)."""
-        if self._last_ack is None:
+        """The RPO: how far back writes may be missing on the fallback, as of the primary's last
+        acknowledged heartbeat (the last moment it was known alive).
+
+        When the fallback misses a heartbeat, everything committed after the newest heartbeat it
+        applied may be missing; when it applied them all, the stream kept pace with the last
+        measured delay.
+        """
+        if self._last_ack is None or not self.set_up:
             return None
-        return self.lag(self._last_ack)
+        if self._sent:
+            since = self._seen_sent if self._seen_sent is not None else self._sent[0][1]
+            return max(self._delay or 0.0, self._last_ack - since)
+        return self._delay
 
     def lag_at_failover(self) -> float | None:
         """The RPO of a failover happening now (the switch puts it in ``FailoverStarted``)."""

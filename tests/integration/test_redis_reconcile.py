@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 from failover import Databases, SwitchState
 from failover.core.endpoint import Role
 from failover.local import LocalServer
-from failover.stores.redis_capture import RedisCapture
+from failover.stores.redis.capture import RedisCapture
 
 from ..helpers import Traffic, fast_settings, wait_for
 

@@ -12,8 +12,8 @@ from redis.exceptions import LockError
 
 from failover import Databases, NotRoutable, SwitchState
 from failover.local import LocalServer
-from failover.stores.redis_lock import LockLostInFailover
-from failover.stores.redis_pubsub import GAP_MESSAGE_TYPE, SubscriptionsMoved
+from failover.stores.redis import LockLostInFailover
+from failover.stores.redis import GAP_MESSAGE_TYPE, SubscriptionsMoved
 
 from ..helpers import wait_for
 from .test_redis_failover import databases, raw, state

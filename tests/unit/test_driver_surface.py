@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from failover import NotRoutable
 from failover.stores.mongodb import RoutedCollection, RoutedDatabase
 from failover.stores.redis import RedisStore
-from failover.stores.redis_surface import NOT_ROUTED
+from failover.stores.redis.surface import NOT_ROUTED
 
 # Attributes PyMongo sets per instance; ours are set in __init__ too.
 MONGO_INSTANCE_ATTRIBUTES = {"name", "database", "full_name"}

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from failover.stores.redis_capture import Image, RedisCapture, CaptureRefused, _timestamp, digest
-from failover.stores.redis_commands import WRITE_COMMANDS, blocking_timeout, write_keys
+from failover.stores.redis.capture import Image, RedisCapture, CaptureRefused, _timestamp, digest
+from failover.stores.redis.writes import WRITE_COMMANDS, blocking_timeout, write_keys
 
 
 @pytest.mark.parametrize(

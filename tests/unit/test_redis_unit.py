@@ -121,7 +121,7 @@ class _PoolWithoutPrivates:
 def test_pool_counts_read_redis_py_and_fall_back_to_none() -> None:
     from redis.asyncio.connection import BlockingConnectionPool
 
-    from failover.stores.redis import _saturated, pool_counts
+    from failover.stores.redis.backend import _saturated, pool_counts
 
     pool = BlockingConnectionPool(max_connections=2)
     assert pool_counts(pool) == (0, 0)  # the attributes this release has
@@ -131,7 +131,7 @@ def test_pool_counts_read_redis_py_and_fall_back_to_none() -> None:
 
 
 async def test_liveness_check_falls_back_to_the_public_api_when_the_stream_is_hidden() -> None:
-    from failover.stores.redis import _alive_by_driver, _idle_and_alive
+    from failover.stores.redis.backend import _alive_by_driver, _idle_and_alive
 
     class Hidden:
         is_connected = True
@@ -157,7 +157,7 @@ def test_client_setinfo_is_disabled_without_deprecated_arguments() -> None:
 
     from redis.asyncio.connection import BlockingConnectionPool
 
-    from failover.stores.redis import _NO_CLIENT_SETINFO, _idle_and_alive
+    from failover.stores.redis.backend import _NO_CLIENT_SETINFO, _idle_and_alive
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)

@@ -37,7 +37,16 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Action", "ErrorKind", "decide"]
+__all__ = ["Action", "ErrorKind", "NotSent", "decide"]
+
+
+class NotSent(Exception):
+    """A backend stopped an operation before anything of it reached the server.
+
+    Every backend's ``classify`` says ``NOT_SENT`` for it. A store whose exception may
+    reach a caller adds its driver's error class, so that code catching the driver's
+    errors still catches it (``class CommandNotSent(NotSent, RedisError)``).
+    """
 
 
 class ErrorKind(enum.Enum):

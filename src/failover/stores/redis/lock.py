@@ -32,9 +32,9 @@ from typing import Any
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockNotOwnedError
 
-from ..core.endpoint import Role
-from ..core.events import StateChanged, SwitchState
-from ..core.store import FailoverStore, last_served
+from ...core.endpoint import Role
+from ...core.events import StateChanged, SwitchState
+from ...core.store import FailoverStore, last_served
 
 __all__ = ["FailoverLock", "LockLostInFailover", "RoleEpoch", "failover_lock_class"]
 

@@ -3,7 +3,7 @@
 * **Capture** — every write command the routed client sends to the *fallback*
   travels in one ``MULTI``/``EXEC`` with two small Lua scripts around it
   (:data:`MARK_SCRIPT` before, :data:`NOTE_SCRIPT` after): the changed keys
-  (:mod:`~failover.stores.redis_commands` finds them) join the set
+  (:mod:`~failover.stores.redis.writes` finds them) join the set
   ``failover:dirty``, their version in ``failover:ver`` goes up by one, the
   fallback's clock is noted in ``failover:at``, and at a key's *first* change
   since it was last reconciled its before-image goes to ``failover:before``.
@@ -73,9 +73,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from ..core.endpoint import Endpoint, Role
-from ..core.reconcile import BatchResult, Capture, Conflict, ConflictPolicy, Resolution, resolve, summarize
-from .redis_commands import REFUSED_ON_FALLBACK, blocking_timeout, command_words, write_keys
+from ...core.endpoint import Endpoint, Role
+from ...core.reconcile import BatchResult, Capture, Conflict, ConflictPolicy, Resolution, resolve, summarize
+from .writes import REFUSED_ON_FALLBACK, blocking_timeout, command_words, write_keys
 
 __all__ = ["CaptureRefused", "Polled", "RedisCapture", "digest"]
 

@@ -49,11 +49,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..core.endpoint import Role
-from ..core.events import Event, StateChanged
-from ..core.reasons import describe_exception
-from ..errors import NoEndpointAvailable
-from .redis_lock import active_role
+from ...core.endpoint import Role
+from ...core.events import Event, StateChanged
+from ...core.reasons import describe_exception
+from ...errors import NoEndpointAvailable
+from .lock import active_role
 
 __all__ = ["GAP_MESSAGE_TYPE", "RoutedPubSub", "SubscriptionsMoved", "pubsub_pool"]
 

@@ -6,7 +6,7 @@ small function that finds the keys it may change in the command's arguments.
 A key a command only *reads* (the sources of ``ZUNIONSTORE``, of ``COPY``) is
 not listed: capture records what changes. Commands absent from the table fall
 back to the fallback server's own ``COMMAND INFO`` (see
-:meth:`~failover.stores.redis_capture.RedisCapture.write_keys`).
+:meth:`~failover.stores.redis.capture.RedisCapture.write_keys`).
 
 Blocking commands (``BLPOP``...) also say where their timeout is: on the
 fallback they run inside ``MULTI``, where Redis answers at once, so the caller

@@ -7,8 +7,8 @@ signature, either routed or refused with :class:`~failover.errors.NotRoutable`
 (the message says why and what to use). ``tests/unit/test_driver_surface.py``
 enumerates redis-py's methods, so a release that adds one is noticed.
 
-Routed: ``lock()`` (see :mod:`.redis_lock`), ``pubsub()`` (see
-:mod:`.redis_pubsub`), ``keyspace_notifications()`` (built on ``pubsub()``),
+Routed: ``lock()`` (see :mod:`.lock`), ``pubsub()`` (see
+:mod:`.pubsub`), ``keyspace_notifications()`` (built on ``pubsub()``),
 ``transaction()`` (redis-py's loop over a routed pipeline with ``WATCH``),
 module commands (``json()``, ``ft()``, ``ts()``, ``bf()``, ...: each command is
 routed; their own ``pipeline()`` is not), sentinel commands (sent to the active
@@ -35,10 +35,10 @@ from redis.commands.redismodules import AsyncRedisModuleCommands
 from redis.commands.sentinel import AsyncSentinelCommands
 from redis.exceptions import NoScriptError
 
-from ..core.endpoint import Role
-from ..errors import NotRoutable
-from .redis_lock import RoleEpoch, failover_lock_class
-from .redis_pubsub import RoutedPubSub, pubsub_pool
+from ...core.endpoint import Role
+from ...errors import NotRoutable
+from .lock import RoleEpoch, failover_lock_class
+from .pubsub import RoutedPubSub, pubsub_pool
 
 __all__ = ["NOT_ROUTED", "RedisSurface"]
 
@@ -111,7 +111,7 @@ class RedisSurface(AsyncRedisModuleCommands, AsyncSentinelCommands):  # type: ig
         raise_on_release_error: bool = True,
     ) -> Any:
         """redis-py's ``Lock`` on the active endpoint; a lock acquired before a switch is lost
-        (``owned()``/``extend()``/``release()`` raise ``LockError``). See :mod:`.redis_lock`."""
+        (``owned()``/``extend()``/``release()`` raise ``LockError``). See :mod:`.lock`."""
         cls = failover_lock_class(lock_class)
         extra: dict[str, Any] = {}
         if "raise_on_release_error" in inspect.signature(cls.__init__).parameters:
@@ -131,7 +131,7 @@ class RedisSurface(AsyncRedisModuleCommands, AsyncSentinelCommands):  # type: ig
 
     def pubsub(self, **kwargs: Any) -> RoutedPubSub:
         """redis-py's ``PubSub``, re-subscribed on the new endpoint after a switch, reporting the
-        gap (``report_gaps=False`` leaves out the gap message). See :mod:`.redis_pubsub`."""
+        gap (``report_gaps=False`` leaves out the gap message). See :mod:`.pubsub`."""
         return RoutedPubSub(self, **kwargs)
 
     def _pubsub_pool(self, role: Role) -> ConnectionPool:

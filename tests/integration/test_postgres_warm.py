@@ -352,3 +352,29 @@ async def test_the_service_shows_warm_sync_in_health_details_and_metrics(pg_pair
         lag = _sample(metrics, "failover_warm_lag_seconds", store="postgres")
         assert lag is not None and lag < 1.0
         assert _sample(metrics, "failover_warm_state", store="postgres", state="streaming") == 1.0
+
+
+async def test_a_table_created_later_joins_with_its_rows_and_a_table_missing_on_the_fallback_is_named(
+    pg_pair: tuple[LocalServer, LocalServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import failover.core.warm as warm_module
+
+    monkeypatch.setattr(warm_module, "DEFAULT_REFRESH_INTERVAL", 0.5)  # the table set is checked every 10 s otherwise
+    primary, fallback = pg_pair
+    on_both(pg_pair, ITEMS)
+    sql(primary, "create table later (k int primary key, v text)")
+    sql(primary, "insert into later select g, 'v' || g from generate_series(1, 500) g")
+    dbs = await start(pg_pair)
+    try:
+        await streaming(dbs)
+        assert warm(dbs)["missing_on_fallback"] == ["public.later"]
+        assert warm(dbs)["synced_tables"] == ["public.items"]
+        sql(fallback, "create table later (k int primary key, v text)")  # DDL is not replicated: the user creates it
+        await wait_for(lambda: "public.later" in warm(dbs)["synced_tables"], 10, "the new table synced")
+        await wait_for(lambda: sql(fallback, "select count(*) from later")[0][0] == 500, 10, "its rows copied")
+        await dbs.postgres.execute("insert into later values (501, 'new')")
+        await wait_for(lambda: sql(fallback, "select count(*) from later")[0][0] == 501, 10, "streamed")
+        assert warm(dbs)["missing_on_fallback"] == []
+        assert subscription(fallback)["apply_errors"] == 0 and subscription(fallback)["sync_errors"] == 0
+    finally:
+        await dbs.close()

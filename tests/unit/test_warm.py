@@ -62,12 +62,14 @@ class FakeSync(WarmSync):
         return SyncProgress(state=self.state, tables=2, tables_copied=2)
 
 
-async def store_with(sync: FakeSync) -> FailoverStore[None]:
+async def store_with(sync: FakeSync, primary_up: bool = True) -> FailoverStore[None]:
     endpoints = [
         Endpoint("postgres", Role.PRIMARY, "Supabase", "postgresql://u:hunter2@db.x.supabase.co/db"),
         Endpoint("postgres", Role.FALLBACK, "Local PostgreSQL", "postgresql://localhost/db"),
     ]
-    store = FailoverStore(ScriptedBackend(), endpoints, options(failback_delay=0.0), clock=FakeClock(), warm=sync)
+    backend = ScriptedBackend()
+    backend.up[Role.PRIMARY] = primary_up
+    store = FailoverStore(backend, endpoints, options(failback_delay=0.0), clock=FakeClock(), warm=sync)
     await store.start()
     return store
 
@@ -166,5 +168,18 @@ async def test_copy_progress_has_rows_and_no_lag() -> None:
         doc: dict[str, Any] = store.status()["warm"]
         assert doc["lag_s"] is None
         assert doc["copy"]["rows_done"] == 50 and doc["copy"]["rows_total"] == 200 and doc["copy"]["tables"] == 2
+    finally:
+        await store.close()
+
+
+async def test_a_process_starting_on_the_fallback_stops_a_sync_another_process_left_running() -> None:
+    sync = FakeSync()
+    store = await store_with(sync, primary_up=False)
+    try:
+        assert store.switch.state is SwitchState.ON_FALLBACK
+        await eventually(lambda: sync.calls == ["pause"], "paused")
+        doc = store.status()["warm"]
+        assert doc["state"] == "off" and "starts once it runs on its primary" in doc["reason"]
+        assert sync.beats == 0 and doc["rpo_at_last_failover_s"] is None
     finally:
         await store.close()

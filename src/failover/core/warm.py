@@ -159,7 +159,8 @@ class WarmDriver:
         self.error: str | None = None
         self.unavailable: str | None = None
         self.set_up = False
-        self.running = False  # as far as we know, the sync writes into the fallback
+        self.running: bool | None = None
+        """Whether the sync writes into the fallback; None: unknown (a previous process may have left it on)."""
         self.progress: SyncProgress | None = None
         self.rpo_at_last_failover: float | None = None
         self.last_failover: dict[str, Any] | None = None
@@ -232,8 +233,10 @@ class WarmDriver:
         on_primary = self._store.switch.state is SwitchState.ON_PRIMARY
         if not on_primary:
             # The fallback is (or may become) the source of truth: nothing may write into it.
-            if self.running and self._usable(Role.FALLBACK):
+            if self.running is not False and self._usable(Role.FALLBACK):
                 await self._pause()
+            if not self.set_up:
+                self.reason = f"the store is {self._store.switch.state}: warm sync starts once it runs on its primary"
             return
         if not (self._usable(Role.PRIMARY) and self._usable(Role.FALLBACK)):
             return
@@ -367,7 +370,7 @@ class WarmDriver:
         self.running = False
         self.state = "off"
         # The fallback applies nothing more: its last heartbeat fixes the failover's RPO.
-        if self.last_failover is not None and self.last_failover.get("final") is False:
+        if self.unavailable is None and self.last_failover is not None and self.last_failover.get("final") is False:
             with contextlib.suppress(Exception):
                 self._saw(await self._step(self.sync.applied(self._fallback)), time.monotonic())
             rpo = self._lag_at_last_ack()
@@ -422,7 +425,7 @@ class WarmDriver:
     def snapshot(self) -> dict[str, Any]:
         """The ``warm`` block of the store's status."""
         progress = self.progress
-        state = self.state if self.running or self.state == "off" else "off"
+        state = self.state if self.running else "off"
         doc: dict[str, Any] = {
             "enabled": True,
             "state": state,

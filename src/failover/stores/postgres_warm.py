@@ -453,6 +453,13 @@ class PostgresWarmSync(WarmSync):
 
     async def pause(self, fallback: Endpoint) -> None:
         async with self._using(fallback) as conn:
+            cur = await conn.execute(
+                "select s.subenabled from pg_subscription s join pg_database d on d.oid = s.subdbid "
+                "where d.datname = current_database() and s.subname = %s",
+                (SUBSCRIPTION,),
+            )
+            if await cur.fetchone() is None:
+                return  # never set up here: nothing can write into the fallback
             await conn.execute(sql.SQL("alter subscription {} disable").format(sql.Identifier(SUBSCRIPTION)))
             deadline = time.monotonic() + DEFAULT_PAUSE_TIMEOUT
             pause = 0.005

@@ -26,7 +26,7 @@ from failover import Databases
 from failover.core.endpoint import Role
 from failover.core.events import SwitchState
 from failover.local import LocalServer
-from failover.stores.mongodb_capture import CONFLICTS, JOURNAL, LOCKS, journal_key
+from failover.stores.mongodb.capture import CONFLICTS, JOURNAL, LOCKS, journal_key
 from tests.helpers import Traffic, fast_settings, wait_for
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import pytest
 from bson import Binary, ObjectId
 
 from failover.core.reconcile import ConflictPolicy, Resolution
-from failover.stores.mongodb_capture import (
+from failover.stores.mongodb.capture import (
     CONFLICTS,
     JOURNAL,
     LIBRARY_COLLECTIONS,

@@ -19,7 +19,10 @@ from pymongo.errors import (
 )
 
 from failover.core.store import ErrorKind
-from failover.stores.mongodb import MongoBackend, RoutedQuery, _NotSent, _Sentinel, _single_host, client_options
+from failover.stores.mongodb import MongoBackend, RoutedQuery, client_options
+from failover.stores.mongodb.backend import _NotSent
+from failover.stores.mongodb.sentinel import _Sentinel
+from failover.stores.mongodb.urls import _single_host
 
 
 @pytest.mark.parametrize(
@@ -125,6 +128,6 @@ def test_query_modifiers_and_output_stages() -> None:
 
 
 def test_a_refused_multi_batch_write_is_of_unknown_outcome() -> None:
-    from failover.stores.mongodb import _MaybePartlyApplied
+    from failover.stores.mongodb.backend import _MaybePartlyApplied
 
     assert MongoBackend().classify(_MaybePartlyApplied("refused part-way")) is ErrorKind.OUTCOME_UNKNOWN

@@ -97,9 +97,10 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, NotPrimaryError, PyMongoError
 from pymongo.results import BulkWriteResult, DeleteResult, UpdateResult
 
-from ..core.endpoint import Endpoint, Role
-from ..core.reconcile import BatchResult, Capture, Conflict, ConflictPolicy, Resolution, resolve, summarize
-from .mongodb import DEFAULT_DATABASE, _MaybePartlyApplied, _NotSent, client_options
+from ...core.endpoint import Endpoint, Role
+from ...core.reconcile import BatchResult, Capture, Conflict, ConflictPolicy, Resolution, resolve, summarize
+from .backend import _MaybePartlyApplied, _NotSent
+from .urls import DEFAULT_DATABASE, client_options
 
 __all__ = [
     "CONFLICTS",

@@ -303,7 +303,7 @@ class RoutedDatabaseSurface:
     __next__ = next
 
     def _collection(self, name: str, options: Mapping[str, Any] | None = None) -> Any:
-        from .mongodb import RoutedCollection
+        from .routed import RoutedCollection
 
         merged = {**self._settings(), **(options or {})}
         return RoutedCollection(self, name, merged)  # type: ignore[arg-type]

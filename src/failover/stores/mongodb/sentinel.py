@@ -1,0 +1,62 @@
+"""Detecting a dead server *before* sending.
+
+PyMongo's async pool checks an idle connection only with
+``transport.is_closing()`` and only after one second of idleness
+(``Pool._perished``); its protocol pauses reading between replies, so a FIN from
+a crashed server goes unnoticed and the first write after a crash would be sent
+on a dead socket, with an unknown outcome. So each client of a single-host
+endpoint is paired with a *sentinel*: a plain TCP connection to the same server,
+opened before the client, that never carries a request. Before every operation
+the sentinel is peeked (one non-blocking ``recv`` with ``MSG_PEEK``, no round
+trip). When the server hung up on it, the server died or restarted, so every
+pooled connection (all younger than the sentinel) is dead too: the client is
+retired, a new sentinel is opened, and when that is refused the operation is
+reported as not sent and goes to the fallback. Replica-set and ``mongodb+srv``
+URLs have no sentinel: there PyMongo's own server discovery and retryable writes
+handle a dying member, and a write cut mid-flight raises ``OutcomeUnknown``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+
+class _Sentinel:
+    """A plain TCP connection to a server that never carries a request.
+
+    The server closes it when it dies or restarts, so peeking at it tells, with
+    no round trip, whether the connections pooled after it was opened are dead.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    async def open(cls, host: str, port: int, timeout: float) -> _Sentinel:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family, type_, proto, _, address = infos[0]
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, address)
+            except BaseException:
+                sock.close()
+                raise
+        return cls(sock)
+
+    def alive(self) -> bool:
+        """False once the server closed or reset the connection."""
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True  # nothing to read: still connected
+        except OSError:
+            return False
+        return bool(data)  # b"" is the server's FIN
+
+    def close(self) -> None:
+        self.sock.close()
+

@@ -12,9 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -180,59 +178,7 @@ class RedisWorkload(Workload):
 WORKLOADS: dict[str, type[Workload]] = {"postgres": PostgresWorkload, "mongodb": MongoWorkload, "redis": RedisWorkload}
 
 
-# --- load ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    started: float
-    finished: float
-    ok: bool
-    error: str | None = None
-
-
-@dataclass
-class Load:
-    """*workers* tasks calling ``operation(i)`` back to back (closed loop), every outcome recorded."""
-
-    operation: Callable[[int], Awaitable[Any]]
-    workers: int
-    pause: float = 0.0
-    outcomes: list[Outcome] = field(default_factory=list)
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _counter: int = 0
-
-    async def _worker(self) -> None:
-        while not self._stop.is_set():
-            self._counter += 1
-            started = time.monotonic()
-            try:
-                await self.operation(self._counter)
-            except Exception as exc:
-                self.outcomes.append(Outcome(started, time.monotonic(), False, type(exc).__name__))
-            else:
-                self.outcomes.append(Outcome(started, time.monotonic(), True))
-            if self.pause:
-                await asyncio.sleep(self.pause)
-            else:
-                await asyncio.sleep(0)
-
-    def start(self) -> Load:
-        self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
-        return self
-
-    async def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        async with asyncio.timeout(timeout):
-            await asyncio.gather(*self._tasks)
-
-    def first_success_after(self, moment: float) -> float | None:
-        done = [o.finished for o in self.outcomes if o.ok and o.started >= moment]
-        return min(done) if done else None
-
-    def errors_between(self, start: float, end: float) -> Counter[str]:
-        return Counter(o.error or "error" for o in self.outcomes if not o.ok and start <= o.finished <= end)
+# --- waiting and measuring ----------------------------------------------------------------------
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:

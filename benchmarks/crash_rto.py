@@ -16,7 +16,9 @@ from typing import Any
 
 from failover import SwitchState
 
-from ._common import WORKLOADS, Load, SwitchTimes, open_databases, server_pair, summary, wait_until
+from failover.local.traffic import Traffic
+
+from ._common import WORKLOADS, SwitchTimes, open_databases, server_pair, summary, wait_until
 
 WORKERS = 4
 PAUSE = 0.002
@@ -30,7 +32,7 @@ async def run_store(store: str, repetitions: int) -> dict[str, Any]:
         dbs = await open_databases(store, primary.url, fallback.url)
         switch = dbs.store(store).switch
         times = SwitchTimes(dbs, store)
-        load = Load(workload.via(dbs), WORKERS, PAUSE).start()
+        load = Traffic(workload.via(dbs), WORKERS, PAUSE).start()
         rtos: list[float] = []
         failover_times: list[float] = []
         failback_times: list[float] = []

@@ -18,7 +18,9 @@ from typing import Any
 from failover import SwitchState
 from failover.local.proxy import FaultProxy, proxied_url
 
-from ._common import BENCH_TUNING, WORKLOADS, Load, open_databases, server_pair, wait_until
+from failover.local.traffic import Traffic
+
+from ._common import BENCH_TUNING, WORKLOADS, open_databases, server_pair, wait_until
 
 CLIENTS = 200
 AFTER_FAILBACK = 1.5
@@ -32,7 +34,7 @@ async def run_once(store: str) -> dict[str, Any]:
         async with FaultProxy(primary.port) as p_proxy, FaultProxy(fallback.port) as f_proxy:
             dbs = await open_databases(store, proxied_url(primary.url, p_proxy.port), proxied_url(fallback.url, f_proxy.port))
             switch = dbs.store(store).switch
-            load = Load(workload.via(dbs), CLIENTS, pause=0.001).start()
+            load = Traffic(workload.via(dbs), CLIENTS, pause=0.001).start()
             try:
                 await wait_until(lambda: len(load.outcomes) > CLIENTS, 30, "traffic")
                 killed = time.monotonic()

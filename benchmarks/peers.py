@@ -44,13 +44,13 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from failover import SwitchState  # noqa: E402
+from failover.local.traffic import Traffic  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402
     BENCH_TUNING,
     KEYS,
     PG_TABLE,
     PG_UPSERT,
-    Load,
     PostgresWorkload,
     open_databases,
     server_pair,
@@ -348,7 +348,7 @@ def _iqr(values: list[float]) -> list[float]:
 
 
 async def crash_drill(client: Client, workload: str, primary: Any) -> dict[str, Any]:
-    load = Load(client.ops[workload], DRILL_WORKERS, pause=0.002).start()
+    load = Traffic(client.ops[workload], DRILL_WORKERS, pause=0.002).start()
     try:
         ready = time.monotonic()
         await wait_until(lambda: load.first_success_after(ready) is not None, 10, f"{client.name} traffic")

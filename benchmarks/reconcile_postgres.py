@@ -26,7 +26,9 @@ import psycopg
 from failover import SwitchState
 from failover.core.events import Event, ReconcileCompleted
 
-from ._common import Load, open_databases, server_pair, summary, wait_until
+from failover.local.traffic import Traffic
+
+from ._common import open_databases, server_pair, summary, wait_until
 
 SCHEMA = "create table if not exists bench_items (id bigint primary key, note text not null, n int not null)"
 
@@ -85,7 +87,7 @@ async def write_hold(cycles: int) -> dict[str, Any]:
         async def write(i: int) -> None:
             await dbs.postgres.execute("insert into bench_items values (%s, 'hold', %s)", (i, i))
 
-        load = Load(write, 4, 0.002).start()
+        load = Traffic(write, 4, 0.002).start()
         try:
             for _ in range(cycles):
                 await wait_until(lambda: store.switch.state is SwitchState.ON_PRIMARY, 60, "on the primary")
@@ -98,7 +100,7 @@ async def write_hold(cycles: int) -> dict[str, Any]:
             await load.stop()
             await dbs.close()
         holds = [e.hold for e in events if isinstance(e, ReconcileCompleted) and e.ok and e.hold is not None]
-        errors = Counter(o.error or "error" for o in load.outcomes if not o.ok)
+        errors = Counter(o.error_kind or "error" for o in load.outcomes if not o.ok)
         return {
             "cycles": cycles,
             "hold_s": summary(holds),

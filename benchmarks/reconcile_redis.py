@@ -30,7 +30,9 @@ import redis.asyncio as aioredis
 from failover import SwitchState
 from failover.core.events import Event, ReconcileCompleted
 
-from ._common import Load, open_databases, server_pair, summary, wait_until
+from failover.local.traffic import Traffic
+
+from ._common import open_databases, server_pair, summary, wait_until
 
 
 async def _write_outage(dbs: Any, keys: int) -> None:
@@ -125,7 +127,7 @@ async def write_hold(cycles: int) -> dict[str, Any]:
         async def write(i: int) -> None:
             await dbs.redis.set(f"hold:{i}", i)
 
-        load = Load(write, 4, 0.002).start()
+        load = Traffic(write, 4, 0.002).start()
         try:
             for _ in range(cycles):
                 await wait_until(lambda: store.switch.state is SwitchState.ON_PRIMARY, 60, "on the primary")
@@ -138,7 +140,7 @@ async def write_hold(cycles: int) -> dict[str, Any]:
             await load.stop()
             await dbs.close()
         holds = [e.hold for e in events if isinstance(e, ReconcileCompleted) and e.ok and e.hold is not None]
-        errors = Counter(o.error or "error" for o in load.outcomes if not o.ok)
+        errors = Counter(o.error_kind or "error" for o in load.outcomes if not o.ok)
         return {"cycles": cycles, "hold_s": summary(holds), "writes": len(load.outcomes), "errors": dict(errors)}
 
 

@@ -47,7 +47,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,11 +56,13 @@ from ._urls import redact_text
 from .core.events import Event, FailoverStarted, ReconcileCompleted, StateChanged, StoreRecovered, SwitchState
 from .databases import Databases
 from .local.proxy import FaultProxy, proxied_url
-from .local.servers import HOST, LocalPostgres, LocalRedis, LocalServer, pid_alive, process_tree
+from .local.processes import pid_alive, signal_tree, wait_gone
+from .local.servers import HOST, LocalPostgres, LocalRedis, LocalServer
 from .local.stack import LocalStack, update_state
+from .local.traffic import Outcome, Traffic, write_ids
 from .settings import STORES, Settings
 
-__all__ = ["DrillReport", "FAULTS", "DRILL_TUNING", "WriteTraffic", "add_arguments", "main", "run_drill", "settings_for"]
+__all__ = ["DrillReport", "FAULTS", "DRILL_TUNING", "add_arguments", "main", "run_drill", "settings_for"]
 
 logger = logging.getLogger("failover.drill")
 
@@ -260,25 +262,13 @@ def _freeze_foreign(server: LocalServer, state_file: Path | None, key: str) -> l
         raise RuntimeError(f"the {key.replace('.', ' ')} server has no live pid in {state_file}; is `failover local up` running?")
     if not server.owns(int(pid)):  # a recycled pid must never be hit
         raise RuntimeError(f"pid {pid} recorded for the {key.replace('.', ' ')} server is another process; not touching it")
-    pids = [int(pid), *(p for p in process_tree(int(pid)) if p != int(pid))]
-    _signal_all(pids, signal.SIGSTOP)
-    return pids
-
-
-def _signal_all(pids: list[int], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pids[0], sig)
-    for p in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(p, sig)
+    return signal_tree(int(pid), signal.SIGSTOP, freeze=True)  # listed once frozen: complete
 
 
 def _kill_foreign(server: LocalServer, pids: list[int]) -> None:
     """SIGKILL the frozen processes *pids* of *server* and wait until they and its port are gone."""
-    _signal_all(pids, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while (any(pid_alive(p) for p in pids) or _port_open(server.port)) and time.monotonic() < deadline:
-        time.sleep(0.005)
+    signal_tree(pids[0], signal.SIGKILL, pids=pids)
+    wait_gone(pids, 10, also=lambda: _port_open(server.port), interval=0.005)
     if isinstance(server, LocalPostgres):
         # Its parent, not us, reaps the dead postmaster; until then the pid in the lock
         # file still "exists" (a zombie) and a restart would refuse to start.
@@ -335,68 +325,6 @@ async def _target(store: str, fault: str, data_dir: Path | None) -> AsyncIterato
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(server.kill)
         shutil.rmtree(root, ignore_errors=True)
-
-
-# --- traffic ---------------------------------------------------------------------------------
-
-
-@dataclass
-class _Write:
-    write_id: str
-    started: float
-    finished: float
-    ok: bool
-    error: str | None = None
-
-
-class WriteTraffic:
-    """Workers writing unique ids through failover, recording every outcome."""
-
-    def __init__(self, write: Callable[[str], Awaitable[None]], workers: int, pause: float = 0.005) -> None:
-        self._write = write
-        self.workers = workers
-        self.pause = pause
-        self.writes: list[_Write] = []
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def _worker(self, number: int) -> None:
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            write_id = f"w{number}-{n}"
-            started = time.monotonic()
-            try:
-                await self._write(write_id)
-            except Exception as exc:
-                self.writes.append(_Write(write_id, started, time.monotonic(), False, type(exc).__name__))
-            else:
-                self.writes.append(_Write(write_id, started, time.monotonic(), True))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.pause):
-                    await self._stop.wait()
-
-    def start(self) -> WriteTraffic:
-        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
-        return self
-
-    async def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        async with asyncio.timeout(timeout):
-            await asyncio.gather(*self._tasks)
-
-    def acked(self) -> list[_Write]:
-        return [w for w in self.writes if w.ok]
-
-    def first_success_after(self, moment: float) -> float | None:
-        done = [w.finished for w in self.writes if w.ok and w.started >= moment]
-        return min(done) if done else None
-
-    def longest_gap(self, start: float, end: float) -> float:
-        """The longest time without an acknowledged write between *start* and *end*."""
-        marks = sorted(w.finished for w in self.writes if w.ok and start <= w.finished <= end)
-        points = [start, *marks, end]
-        return max((b - a for a, b in zip(points, points[1:])), default=0.0)
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -558,7 +486,7 @@ async def run_drill(
         unsubscribe = dbs.subscribe(on_event)
         await dbs.start()
         switch = dbs.store(store).switch
-        traffic = WriteTraffic(lambda write_id: probe.write(dbs, run, write_id), workers)
+        traffic: Traffic[str] = Traffic(lambda write_id: probe.write(dbs, run, write_id), workers, keys=write_ids)
         switches_before = switch.switches
         try:
             if switch.state is not SwitchState.ON_PRIMARY:
@@ -632,7 +560,7 @@ def _report(
     fault: str,
     duration: float,
     run: str,
-    traffic: WriteTraffic,
+    traffic: Traffic[str],
     marks: dict[str, float],
     switches: int,
     transitions: list[dict[str, Any]],
@@ -645,12 +573,12 @@ def _report(
     restored_at = marks.get("restored")
     failback_at = marks.get("failback")
     acked = traffic.acked()
-    acked_ids = {w.write_id for w in acked}
+    acked_ids = {w.key for w in acked}
     missing = acked_ids - on_primary
     stranded = missing & on_fallback
     lost = missing - on_fallback
 
-    def phase(w: _Write) -> str:
+    def phase(w: Outcome[str]) -> str:
         if w.finished < fault_at:
             return "before_fault"
         if failback_at is None or w.finished < failback_at:
@@ -661,13 +589,13 @@ def _report(
     missing_by_phase: Counter[str] = Counter()
     for w in acked:
         acked_by_phase[phase(w)] += 1
-        if w.write_id in missing:
+        if w.key in missing:
             missing_by_phase[phase(w)] += 1
-    failed = [w for w in traffic.writes if not w.ok]
-    errors = Counter(w.error or "error" for w in failed)
-    applied_anyway = sum(1 for w in failed if w.write_id in on_primary or w.write_id in on_fallback)
+    failed = [w for w in traffic.outcomes if not w.ok]
+    errors = Counter(w.error_kind or "error" for w in failed)
+    applied_anyway = sum(1 for w in failed if w.key in on_primary or w.key in on_fallback)
     first = traffic.first_success_after(fault_at)
-    gap_end = failback_at or (traffic.writes[-1].finished if traffic.writes else fault_at)
+    gap_end = failback_at or (traffic.outcomes[-1].finished if traffic.outcomes else fault_at)
     note_list = list(notes)
     if lost:
         note_list.append(
@@ -686,7 +614,7 @@ def _report(
         failover_s=marks["failover"] - fault_at if "failover" in marks else None,
         failback_s=failback_at - restored_at if failback_at is not None and restored_at is not None else None,
         switches=switches,
-        writes_attempted=len(traffic.writes),
+        writes_attempted=len(traffic.outcomes),
         writes_acknowledged=len(acked),
         errors_surfaced=len(failed),
         errors_by_kind=dict(errors),

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .processes import pid_alive, process_tree, signal_tree, wait_gone
+
 __all__ = ["LocalServer", "LocalPostgres", "LocalRedis", "LocalMongo", "free_port", "pid_alive", "process_tree", "ServerError"]
 
 HOST = "127.0.0.1"
@@ -43,33 +45,6 @@ def _port_open(port: int, timeout: float = 0.2) -> bool:
         with socket.create_connection((HOST, port), timeout=timeout):
             return True
     except OSError:
-        return False
-
-
-def process_tree(pid: int) -> list[int]:
-    """*pid* and every process below it (PostgreSQL backends run in sessions of their own)."""
-    found, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        found.append(current)
-        try:
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
-        queue.extend(int(c) for c in children)
-    return found
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
         return False
 
 
@@ -146,16 +121,10 @@ class LocalServer(abc.ABC):
         self.kill()
         raise ServerError(f"{self.name} did not become ready within {timeout:g}s; see {log.name}")
 
-    def _signal_group(self, sig: signal.Signals) -> list[int]:
+    def _signal_group(self, sig: signal.Signals, *, freeze: bool = False) -> list[int]:
         if self.process is None:
             return []
-        pids = process_tree(self.process.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, sig)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        return pids
+        return signal_tree(self.process.pid, sig, freeze=freeze)
 
     def kill(self, timeout: float = 10.0) -> None:
         """SIGKILL every process of the server and wait until they are gone (a crash).
@@ -165,14 +134,11 @@ class LocalServer(abc.ABC):
         """
         if self.process is None:
             return
-        # Freeze every process first, so none can notice the others dying and say
-        # goodbye to its clients: a crash gives no notice.
-        self._signal_group(signal.SIGSTOP)
-        pids = self._signal_group(signal.SIGKILL)
+        # Frozen first, so no process can notice the others dying and say goodbye
+        # to its clients: a crash gives no notice.
+        pids = self._signal_group(signal.SIGKILL, freeze=True)
         self.process.wait(timeout)
-        deadline = time.monotonic() + timeout
-        while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.002)
+        wait_gone(pids, timeout, interval=0.002)
         self.process = None
         self.paused = False
 

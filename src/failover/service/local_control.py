@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..local.servers import LocalServer, ServerError, pid_alive, process_tree
+from ..local.processes import pid_alive, process_tree, signal_tree, stopped, wait_gone
+from ..local.servers import LocalServer, ServerError
 from ..local.stack import ROLES, LocalStack, update_state
 
 __all__ = ["LocalControl", "ACTIONS", "ask_owner", "CONTROL_SOCKET"]
@@ -202,10 +203,7 @@ class LocalControl:
 
     @staticmethod
     def _paused(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "T"
-        except (OSError, IndexError):
-            return False
+        return stopped(pid)
 
     def describe(self) -> list[dict[str, Any]]:
         """One entry per server: store, role, port, pid and ``running``/``paused``/``stopped``."""
@@ -248,7 +246,7 @@ class LocalControl:
             server.kill()
         pid = self._recorded_pid(store, role)
         if pid is not None:
-            _signal_tree(pid, signal.SIGKILL, freeze=True)
+            signal_tree(pid, signal.SIGKILL, freeze=True)
             _wait_dead(pid, timeout=10.0)
         self.record(store, role, None)
 
@@ -260,7 +258,7 @@ class LocalControl:
         pid = self._recorded_pid(store, role)
         if pid is None:
             raise ValueError(f"local {store} {role} is not running")
-        _signal_tree(pid, signal.SIGSTOP)
+        signal_tree(pid, signal.SIGSTOP)
 
     def _start(self, store: str, role: str) -> None:
         server = self.stack.server(store, role)
@@ -270,7 +268,7 @@ class LocalControl:
             return
         pid = self._recorded_pid(store, role)
         if pid is not None:
-            _signal_tree(pid, signal.SIGCONT)
+            signal_tree(pid, signal.SIGCONT)
             return
         server.start()
         self.record(store, role, server.pid)
@@ -292,16 +290,16 @@ class LocalControl:
                     continue
                 pids = process_tree(pid)
                 # A paused server cannot act on SIGTERM: wake it first.
-                _signal_tree(pid, signal.SIGCONT, pids=pids)
+                signal_tree(pid, signal.SIGCONT, pids=pids)
                 # PostgreSQL's SIGTERM waits for clients to leave; SIGINT is its fast shutdown.
-                _signal_tree(pid, signal.SIGINT if store == "postgres" else signal.SIGTERM, pids=pids)
+                signal_tree(pid, signal.SIGINT if store == "postgres" else signal.SIGTERM, pids=pids)
                 stopping.append((store, role, server, pid, pids))
             # Every server was asked at once; now wait for each, killing the slow ones.
             deadline = time.monotonic() + timeout
             for store, role, server, pid, pids in stopping:
                 if not _wait_dead(pid, max(0.0, deadline - time.monotonic()), pids, reap=server):
                     logger.warning("local %s %s did not stop within %gs: killing it", store, role, timeout)
-                    _signal_tree(pid, signal.SIGKILL, freeze=True, pids=pids)
+                    signal_tree(pid, signal.SIGKILL, freeze=True, pids=pids)
                     _wait_dead(pid, 10.0, pids, reap=server)
                 if server.process is not None and server.process.poll() is not None:
                     server.process = None
@@ -353,30 +351,14 @@ def _read_line(conn: socket.socket) -> bytes:
     return data
 
 
-def _signal_tree(pid: int, sig: signal.Signals, *, freeze: bool = False, pids: list[int] | None = None) -> None:
-    """Send *sig* to the process group led by *pid* and every descendant."""
-    pids = pids if pids is not None else process_tree(pid)
-    if freeze:
-        _signal_tree(pid, signal.SIGSTOP, pids=pids)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-    for each in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(each, sig)
-
-
 def _wait_dead(pid: int, timeout: float, pids: list[int] | None = None, reap: LocalServer | None = None) -> bool:
-    """Wait until *pid* (and *pids*) are gone; True when they are."""
-    pids = pids or [pid]
-    deadline = time.monotonic() + timeout
-    while True:
+    """Wait until *pid* (and *pids*) are gone, reaping our own child; True when they are."""
+
+    def collect() -> None:
         if reap is not None and reap.process is not None:
-            reap.process.poll()  # reap our own child so it does not linger as a zombie
+            reap.process.poll()  # our own child: reap it so it does not linger as a zombie
         else:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(pid, os.WNOHANG)
-        if not any(pid_alive(p) for p in pids):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
+
+    return wait_gone(pids or [pid], timeout, reap=collect)

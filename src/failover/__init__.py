@@ -18,6 +18,7 @@ from .core.events import (
     StoreRecovered,
     StoreUnavailable,
     SwitchState,
+    TransitionCause,
 )
 from .core.store import last_served
 from .databases import Databases
@@ -65,6 +66,7 @@ __all__ = [
     "StoreUnavailable",
     "SwitchState",
     "TransactionRolledBack",
+    "TransitionCause",
     "last_served",
     "redact_url",
 ]

@@ -84,8 +84,9 @@ class Databases:
         await asyncio.gather(*(f.failover.start() for f in self._facades.values()))
         self._started = True
         for name, facade in self._facades.items():
-            st = facade.failover.status()
-            logger.info("%s serving from %s (%s)", name, st["current_db"], st["state"])
+            snap = facade.failover.snapshot()
+            active = snap.active_endpoint
+            logger.info("%s serving from %s (%s)", name, active.name if active else None, snap.state)
 
     async def close(self) -> None:
         """Stop monitors and close every pool and client."""
@@ -185,11 +186,11 @@ class Databases:
             facade = self._facades.get(name)
             if facade is None:
                 continue
-            store = facade.failover
-            doc[name] = store.status()
-            if store.switch.active_role is None:
+            snap = facade.failover.snapshot()
+            doc[name] = snap.to_status()
+            if not snap.available:
                 overall = "unhealthy"
-            elif not store.switch.on_preferred and overall == "healthy":
+            elif not snap.on_preferred and overall == "healthy":
                 overall = "degraded"
         doc["overall_status"] = overall
         return doc

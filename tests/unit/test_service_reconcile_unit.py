@@ -14,12 +14,19 @@ from failover.service.dashboard import reconcile_runs
 from failover.service.metrics import FailoverMetrics
 
 
+class FakeStore(SimpleNamespace):
+    def snapshot(self) -> SimpleNamespace:
+        r = self.reconciler
+        reconcile = {"enabled": True, "running": r.running, "backlog": r.backlog} if r is not None else {"enabled": False}
+        return SimpleNamespace(reconcile=reconcile)
+
+
 class FakeDatabases:
     """Just what the readers use: stores with reconcilers, recent events, the conflict log."""
 
     def __init__(self, *, running: bool = False) -> None:
         self.reconciler = SimpleNamespace(conflict_count=0, running=running, backlog=None)
-        self.stores = {"postgres": SimpleNamespace(reconciler=self.reconciler), "redis": SimpleNamespace(reconciler=None)}
+        self.stores = {"postgres": FakeStore(reconciler=self.reconciler), "redis": FakeStore(reconciler=None)}
         self.events = EventBus()
         self.reads = 0
         self.gate: asyncio.Event | None = None

@@ -154,10 +154,21 @@ def test_percent_encoded_password_is_scrubbed_in_both_forms() -> None:
     assert "a/b#c" not in redact_text("auth failed for a/b#c", endpoint.secrets)
 
 
-def test_metric_causes_are_not_mistaken_for_pins() -> None:
-    from failover.service.metrics import reason_cause
+def test_metric_causes_come_from_the_switch_not_from_the_reason_text() -> None:
+    from failover.core.events import FailbackCompleted, FailoverStarted, SwitchState, TransitionCause
+    from failover.service.metrics import FailoverMetrics
 
-    assert reason_cause("Shopping DB is down: breaker tripped: refused") == "breaker"
-    assert reason_cause("slow ping, then a probe failed: TimeoutError") != "pinned"
-    assert reason_cause("pinned by operator") == "pinned"
-    assert reason_cause("pin released: Supabase is healthy") == "pinned"
+    metrics = FailoverMetrics()
+    # A reason that mentions a pin is not counted as one: the cause the switch set is.
+    metrics.on_event(FailoverStarted(
+        store="postgres", at=0.0, from_state=SwitchState.ON_PRIMARY, to_state=SwitchState.ON_FALLBACK,
+        reason="Shopping DB is down: breaker tripped: pinned connection refused", cause=TransitionCause.BREAKER_TRIPPED,
+    ))
+    metrics.on_event(FailbackCompleted(
+        store="postgres", at=1.0, from_state=SwitchState.RECONCILING, to_state=SwitchState.ON_PRIMARY,
+        reason="reconciled", cause=TransitionCause.RECONCILED,
+    ))
+    text = metrics.render().decode()
+    assert 'failover_failovers_total{cause="breaker_tripped",store="postgres"} 1.0' in text
+    assert 'failover_failbacks_total{cause="reconciled",store="postgres"} 1.0' in text
+    assert "pinned" not in text

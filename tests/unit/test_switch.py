@@ -13,9 +13,11 @@ from failover.core.events import (
     FailbackCompleted,
     FailbackStarted,
     FailoverStarted,
+    StateChanged,
     StoreRecovered,
     StoreUnavailable,
     SwitchState,
+    TransitionCause,
 )
 from failover.core.health import EndpointHealth
 from failover.core.switch import Switch
@@ -293,3 +295,51 @@ def test_a_failing_listener_does_not_break_the_switch() -> None:
 def test_fake_clock_cannot_go_back() -> None:
     with pytest.raises(ValueError):
         FakeClock().advance(-1)
+
+
+def _causes(w: World) -> list[TransitionCause]:
+    return [e.cause for e in w.events if isinstance(e, StateChanged)]
+
+
+def test_every_move_carries_the_cause_the_switch_decided() -> None:
+    w = World(failback_delay=5, healthy=1, unhealthy=1, gate=True)
+    w.start()
+    assert w.switch.history[-1].cause is TransitionCause.STARTED
+    w.health[Role.PRIMARY].record_operation_failure("connection refused")
+    w.switch.evaluate()
+    w.round(primary=True)
+    w.round(primary=True, advance=5)
+    w.switch.finish_reconcile(False, "reconcile hold ran out", TransitionCause.HOLD_RAN_OUT)
+    w.round(primary=True, advance=5)
+    w.switch.finish_reconcile(True, "copied")
+    w.round(primary=False)
+    w.round(primary=False, fallback=False)
+    w.round(primary=True, fallback=False)
+    w.round(primary=True, fallback=True)
+    w.switch.pin(Role.FALLBACK)
+    w.round(primary=True, fallback=False)  # the pinned endpoint dies: unavailable, still pinned
+    w.switch.pin(None)
+    assert _causes(w) == [
+        TransitionCause.BREAKER_TRIPPED,
+        TransitionCause.FAILBACK_DELAY_ELAPSED,  # to RECONCILING
+        TransitionCause.HOLD_RAN_OUT,
+        TransitionCause.FAILBACK_DELAY_ELAPSED,
+        TransitionCause.RECONCILED,
+        TransitionCause.PROBE_FAILED,
+        TransitionCause.NO_ENDPOINT,
+        TransitionCause.FALLBACK_DOWN,  # recovered onto the primary while the fallback is down
+        TransitionCause.PINNED,
+        TransitionCause.PINNED,
+        TransitionCause.PIN_RELEASED,
+    ]
+    assert [t.cause for t in list(w.switch.history)[1:]] == _causes(w)
+    assert w.switch.history[-1].to_dict()["cause"] == "pin_released"
+
+
+def test_a_failed_reconcile_and_a_dead_fallback_say_so() -> None:
+    w = World(failback_delay=0, healthy=1, unhealthy=1, gate=True)
+    w.start(primary=False)
+    w.round(primary=True)
+    w.switch.finish_reconcile(False, "conflict")
+    w.round(primary=True, fallback=False)
+    assert _causes(w)[-2:] == [TransitionCause.RECONCILE_FAILED, TransitionCause.FALLBACK_DOWN]

@@ -19,6 +19,7 @@ from .endpoint import Role
 
 __all__ = [
     "SwitchState",
+    "TransitionCause",
     "Event",
     "StateChanged",
     "FailoverStarted",
@@ -47,6 +48,40 @@ class SwitchState(enum.StrEnum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
+class TransitionCause(enum.StrEnum):
+    """Why the switch moved: a bounded label for metrics and tools (``reason`` is the sentence for humans)."""
+
+    STARTED = "started"
+    """The first decision of a store, from its first probes."""
+    PROBE_FAILED = "probe_failed"
+    """The primary failed enough probes in a row (or answered read-only)."""
+    BREAKER_TRIPPED = "breaker_tripped"
+    """Live operations failed on the primary at the connection level."""
+    FALLBACK_DOWN = "fallback_down"
+    """The fallback is down while the primary is healthy: back to the primary at once."""
+    NO_ENDPOINT = "no_endpoint"
+    """Neither endpoint is usable."""
+    ONLY_ENDPOINT = "only_endpoint"
+    """A store configured with one endpoint runs on it."""
+    PRIMARY_RECOVERED = "primary_recovered"
+    """The primary is healthy and the store was not serving from the fallback."""
+    FAILBACK_DELAY_ELAPSED = "failback_delay_elapsed"
+    """The primary stayed healthy for the failback delay."""
+    FAILBACK_DEFERRED = "failback_deferred"
+    """A failback was due but the primary's pool could not be readied."""
+    RECONCILED = "reconciled"
+    """Every write made on the fallback reached the primary."""
+    RECONCILE_FAILED = "reconcile_failed"
+    """Reconcile failed: traffic stays on (or goes back to) the fallback."""
+    HOLD_RAN_OUT = "hold_ran_out"
+    """The final catch-up of reconcile did not finish within the write hold."""
+    PINNED = "pinned"
+    """An operator pinned the store to one endpoint."""
+    PIN_RELEASED = "pin_released"
+    """An operator released the pin."""
+    OTHER = "other"
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """Base of every event. ``at`` is wall-clock seconds (display only)."""
@@ -66,11 +101,12 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class StateChanged(Event):
-    """The switch of a store moved. Subclasses say which way."""
+    """The switch of a store moved. Subclasses say which way; ``cause`` says why, as a label."""
 
     from_state: SwitchState
     to_state: SwitchState
     reason: str
+    cause: TransitionCause = TransitionCause.OTHER
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._urls import redact_text
 from .endpoint import Endpoint, Role
-from .events import ConflictResolved, ReconcileCompleted, ReconcileStarted, SwitchState
+from .events import ConflictResolved, ReconcileCompleted, ReconcileStarted, SwitchState, TransitionCause
 
 if TYPE_CHECKING:
     from .store import FailoverStore
@@ -386,7 +386,7 @@ class Reconciler:
                     conflicts += c
                     if not ok:
                         result = f"the final catch-up did not fit in the {self.hold:g}s hold; traffic stays on the fallback"
-                        store.switch.finish_reconcile(False, "reconcile hold ran out")
+                        store.switch.finish_reconcile(False, "reconcile hold ran out", TransitionCause.HOLD_RAN_OUT)
                         return
                 self.backlog = 0
                 result = "completed"
@@ -500,6 +500,7 @@ class Reconciler:
         doc: dict[str, Any] = {
             "enabled": True,
             "state": self.state,
+            "running": self.running,
             "capture_installed": self.installed,
             "backlog": self.backlog,
             "applied": self.applied,

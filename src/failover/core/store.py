@@ -27,6 +27,7 @@ from .health import EndpointHealth
 from .monitor import Monitor
 from .reconcile import Admission, Capture, ConflictPolicy, Reconciler
 from .routing import Action, ErrorKind, decide
+from .snapshot import EndpointSnapshot, StoreSnapshot, frozen
 from .switch import Switch
 from .warm import WarmDriver, WarmSync
 
@@ -694,27 +695,26 @@ class FailoverStore(Generic[ClientT]):
         role = self.switch.active_role
         return self.endpoints[role] if role is not None else None
 
+    def snapshot(self) -> StoreSnapshot:
+        """This store now, frozen: what status, readiness, metrics and the dashboard read."""
+        switch = self.switch
+        return StoreSnapshot(
+            store=self.name,
+            taken_at=self.clock.monotonic(),
+            state=switch.state,
+            active_role=switch.active_role,
+            preferred_role=switch.preferred_role,
+            pinned=switch.pinned,
+            endpoints=frozen({role: EndpointSnapshot.of(h) for role, h in self.health.items()}),
+            counters=frozen(dict(self.counters, switches=switch.switches)),
+            transitions=tuple(reversed(switch.history)),
+            reconcile=frozen(self.reconciler.snapshot() if self.reconciler is not None else {"enabled": False}),
+            warm=frozen(self.warm.snapshot() if self.warm is not None else {"enabled": False, "state": "off", "lag_s": None}),
+        )
+
     def status(self) -> dict[str, Any]:
-        """The seed-shaped status of this store, with details under extra keys."""
-        active = self.switch.active_role
-        primary = self.health.get(Role.PRIMARY)
-        fallback = self.health.get(Role.FALLBACK)
-        now = self.clock.monotonic()
-        return {
-            "using_primary": active is Role.PRIMARY,
-            "primary_available": bool(primary and primary.available),
-            "fallback_available": bool(fallback and fallback.available),
-            "primary_healthy": bool(primary and primary.healthy),
-            "current_db": self.endpoints[active].name if active is not None else None,
-            "state": str(self.switch.state),
-            "active_role": str(active) if active else None,
-            "pinned": str(self.switch.pinned) if self.switch.pinned else None,
-            "endpoints": {str(role): _endpoint_status(h, now) for role, h in self.health.items()},
-            "transitions": [t.to_dict() for t in reversed(self.switch.history)],
-            "counters": dict(self.counters, switches=self.switch.switches),
-            "reconcile": self.reconciler.snapshot() if self.reconciler is not None else {"enabled": False},
-            "warm": self.warm.snapshot() if self.warm is not None else {"enabled": False, "state": "off", "lag_s": None},
-        }
+        """The seed-shaped status of this store, with details under extra keys (see :meth:`snapshot`)."""
+        return self.snapshot().to_status()
 
 
 def _active_role(state: SwitchState) -> Role | None:
@@ -723,21 +723,6 @@ def _active_role(state: SwitchState) -> Role | None:
     if state in (SwitchState.ON_FALLBACK, SwitchState.RECONCILING):
         return Role.FALLBACK
     return None
-
-
-def _endpoint_status(health: EndpointHealth, now: float) -> dict[str, Any]:
-    probe = health.last_probe
-    return {
-        "name": health.endpoint.name,
-        "url": health.endpoint.redacted_url,
-        "healthy": health.healthy,
-        "available": health.available,
-        "breaker_open": health.tripped,
-        "reason": health.reason,
-        "probe_latency_ms": round(probe.latency * 1000, 2) if probe and probe.latency is not None else None,
-        "last_probe_age_s": round(now - probe.at, 2) if probe else None,
-        "last_error": probe.error if probe else None,
-    }
 
 
 async def _logged(coro: Awaitable[Any], what: str) -> None:

@@ -33,6 +33,7 @@ from .events import (
     StoreRecovered,
     StoreUnavailable,
     SwitchState,
+    TransitionCause,
 )
 from .health import EndpointHealth
 
@@ -51,9 +52,16 @@ class Transition:
     from_state: SwitchState
     to_state: SwitchState
     reason: str
+    cause: TransitionCause = TransitionCause.OTHER
 
     def to_dict(self) -> dict[str, object]:
-        return {"at": self.at, "from": str(self.from_state), "to": str(self.to_state), "reason": self.reason}
+        return {
+            "at": self.at,
+            "from": str(self.from_state),
+            "to": str(self.to_state),
+            "reason": self.reason,
+            "cause": str(self.cause),
+        }
 
 
 class Switch:
@@ -157,7 +165,7 @@ class Switch:
         the primary starts ``RECONCILING`` instead: traffic stays on the fallback
         until they are on the primary.
         """
-        target, reason = self._decide()
+        target, reason, _ = self._decide()
         fallback = self.health.get(Role.FALLBACK)
         if (
             reconcile_first
@@ -169,7 +177,9 @@ class Switch:
         ):
             target, reason = SwitchState.RECONCILING, "writes made on the fallback wait to be reconciled"
         self.state = target
-        self.history.append(Transition(self._clock.wall(), SwitchState.UNAVAILABLE, target, f"started: {reason}"))
+        self.history.append(
+            Transition(self._clock.wall(), SwitchState.UNAVAILABLE, target, f"started: {reason}", TransitionCause.STARTED)
+        )
         log = logger.info if target is self._preferred_state() else logger.warning
         log("%s: started %s (%s)", self.store, target, reason)
 
@@ -187,12 +197,12 @@ class Switch:
         ``allow_failback=False`` applies everything but a return to the primary
         (used when the primary's pool could not be readied).
         """
-        target, reason = self._decide(allow_failback)
+        target, reason, cause = self._decide(allow_failback)
         if target is self.state:
             return None
         if self.state is SwitchState.RECONCILING and target is SwitchState.ON_PRIMARY:
             return None  # only finish_reconcile() leaves RECONCILING for the primary
-        return self._move(target, reason)
+        return self._move(target, reason, cause)
 
     def pin(self, role: Role | None, reason: str = "pinned by operator") -> StateChanged | None:
         """Force traffic to *role* (None releases the pin and returns to automatic mode)."""
@@ -200,64 +210,73 @@ class Switch:
             raise ValueError(f"the {self.store} store has no {role} endpoint to pin")
         self.pinned = role
         logger.info("%s switch %s", self.store, f"pinned to {role}" if role else "released")
-        target, why = self._decide()
+        target, why, _ = self._decide()
         if target is self.state:
             return None
-        return self._move(target, reason if role else f"pin released: {why}")
+        if role is not None:
+            return self._move(target, reason, TransitionCause.PINNED)
+        return self._move(target, f"pin released: {why}", TransitionCause.PIN_RELEASED)
 
-    def finish_reconcile(self, ok: bool, reason: str) -> StateChanged | None:
-        """End ``RECONCILING``: to the primary when *ok*, else back to the fallback."""
+    def finish_reconcile(self, ok: bool, reason: str, cause: TransitionCause | None = None) -> StateChanged | None:
+        """End ``RECONCILING``: to the primary when *ok*, else back to the fallback.
+
+        *cause* defaults to ``RECONCILED`` when *ok*, else ``RECONCILE_FAILED``.
+        """
         if self.state is not SwitchState.RECONCILING:
             return None
         primary = self.health.get(Role.PRIMARY)
         if ok and primary is not None and primary.healthy:
-            return self._move(SwitchState.ON_PRIMARY, reason)
-        target, why = self._decide(allow_failback=False)
-        return self._move(target, f"{reason}; {why}")
+            return self._move(SwitchState.ON_PRIMARY, reason, cause or TransitionCause.RECONCILED)
+        target, why, _ = self._decide(allow_failback=False)
+        return self._move(target, f"{reason}; {why}", cause or TransitionCause.RECONCILE_FAILED)
 
-    def _decide(self, allow_failback: bool = True) -> tuple[SwitchState, str]:
+    def _decide(self, allow_failback: bool = True) -> tuple[SwitchState, str, TransitionCause]:
+        """The state the health calls for, with the sentence and the cause of a move there."""
         primary = self.health.get(Role.PRIMARY)
         fallback = self.health.get(Role.FALLBACK)
         if self.pinned is not None:
             pinned = self.health[self.pinned]
             if pinned.healthy:
-                return _ROLE_STATE[self.pinned], f"pinned to {self.pinned}"
-            return SwitchState.UNAVAILABLE, f"pinned to {self.pinned} {pinned.endpoint.name}, which is down: {pinned.reason}"
+                return _ROLE_STATE[self.pinned], f"pinned to {self.pinned}", TransitionCause.PINNED
+            why = f"pinned to {self.pinned} {pinned.endpoint.name}, which is down: {pinned.reason}"
+            return SwitchState.UNAVAILABLE, why, TransitionCause.PINNED
         p_ok = bool(primary and primary.healthy)
         f_ok = bool(fallback and fallback.healthy)
         if not p_ok and not f_ok:
             parts = [f"{h.endpoint.name}: {h.reason}" for h in self.health.values()]
-            return SwitchState.UNAVAILABLE, "no usable endpoint (" + "; ".join(parts) + ")"
+            return SwitchState.UNAVAILABLE, "no usable endpoint (" + "; ".join(parts) + ")", TransitionCause.NO_ENDPOINT
         if not f_ok:
             assert primary is not None
-            return SwitchState.ON_PRIMARY, f"{primary.endpoint.name} is healthy" + (
-                f", {fallback.endpoint.name} is down: {fallback.reason}" if fallback else ""
-            )
+            if fallback is None:
+                return SwitchState.ON_PRIMARY, f"{primary.endpoint.name} is healthy", TransitionCause.ONLY_ENDPOINT
+            why = f"{primary.endpoint.name} is healthy, {fallback.endpoint.name} is down: {fallback.reason}"
+            return SwitchState.ON_PRIMARY, why, TransitionCause.FALLBACK_DOWN
         assert fallback is not None
         if not p_ok:
             if primary is None:
-                return SwitchState.ON_FALLBACK, f"{fallback.endpoint.name} is the only endpoint"
-            return SwitchState.ON_FALLBACK, f"{primary.endpoint.name} is down: {primary.reason}"
+                return SwitchState.ON_FALLBACK, f"{fallback.endpoint.name} is the only endpoint", TransitionCause.ONLY_ENDPOINT
+            cause = TransitionCause.BREAKER_TRIPPED if primary.tripped else TransitionCause.PROBE_FAILED
+            return SwitchState.ON_FALLBACK, f"{primary.endpoint.name} is down: {primary.reason}", cause
         assert primary is not None
         # Both healthy. Leaving the fallback waits for the primary to prove itself.
         if self.state in (SwitchState.ON_FALLBACK, SwitchState.RECONCILING):
             if not allow_failback:
-                return SwitchState.ON_FALLBACK, "staying on the fallback"
+                return SwitchState.ON_FALLBACK, "staying on the fallback", TransitionCause.FAILBACK_DEFERRED
             healthy_for = primary.healthy_for()
             if healthy_for < self.failback_delay:
-                return self.state, f"{primary.endpoint.name} healthy for {healthy_for:.1f}s"
+                return self.state, f"{primary.endpoint.name} healthy for {healthy_for:.1f}s", TransitionCause.OTHER
             reason = f"{primary.endpoint.name} healthy for {healthy_for:.1f}s (failback delay {self.failback_delay:g}s)"
             if self.reconcile_gate and self.state is SwitchState.ON_FALLBACK:
-                return SwitchState.RECONCILING, reason
-            return SwitchState.ON_PRIMARY, reason
-        return SwitchState.ON_PRIMARY, f"{primary.endpoint.name} is healthy"
+                return SwitchState.RECONCILING, reason, TransitionCause.FAILBACK_DELAY_ELAPSED
+            return SwitchState.ON_PRIMARY, reason, TransitionCause.FAILBACK_DELAY_ELAPSED
+        return SwitchState.ON_PRIMARY, f"{primary.endpoint.name} is healthy", TransitionCause.PRIMARY_RECOVERED
 
-    def _move(self, target: SwitchState, reason: str) -> StateChanged:
+    def _move(self, target: SwitchState, reason: str, cause: TransitionCause) -> StateChanged:
         source = self.state
         self.state = target
         self.switches += 1
         at = self._clock.wall()
-        self.history.append(Transition(at, source, target, reason))
+        self.history.append(Transition(at, source, target, reason, cause))
         event_type: type[StateChanged]
         if target is SwitchState.UNAVAILABLE:
             event_type = StoreUnavailable
@@ -276,9 +295,9 @@ class Switch:
         if event_type is FailoverStarted:
             rpo = self.lag_at_failover() if self.lag_at_failover is not None else None
             event: StateChanged = FailoverStarted(
-                store=self.store, at=at, from_state=source, to_state=target, reason=reason, rpo_s=rpo
+                store=self.store, at=at, from_state=source, to_state=target, reason=reason, cause=cause, rpo_s=rpo
             )
         else:
-            event = event_type(store=self.store, at=at, from_state=source, to_state=target, reason=reason)
+            event = event_type(store=self.store, at=at, from_state=source, to_state=target, reason=reason, cause=cause)
         self._bus.emit(event)
         return event

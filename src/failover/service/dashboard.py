@@ -74,8 +74,8 @@ def reconcile_runs(dbs: Databases, events: list[Event] | None = None) -> dict[st
     recent = list(dbs.events.recent) if events is None else events
     runs: dict[str, dict[str, Any]] = {}
     for name, store in dbs.stores.items():
-        reconciler = store.reconciler
-        if reconciler is None or not reconciler.running:
+        reconcile = store.snapshot().reconcile
+        if not reconcile.get("running"):
             continue
         started = None
         for event in reversed(recent):
@@ -88,7 +88,7 @@ def reconcile_runs(dbs: Databases, events: list[Event] | None = None) -> dict[st
                 break
         if started is None:
             continue  # waiting for the pair's lock, or the event is out of the history
-        backlog = reconciler.backlog or 0
+        backlog = reconcile.get("backlog") or 0
         total = max(started.backlog, backlog)
         runs[name] = {
             "started_at": started.at,

@@ -111,19 +111,18 @@ def failover_lifespan(
 def log_startup(dbs: Databases) -> None:
     """Say, per store, where it serves from and why when it is not its primary."""
     for name, store in dbs.stores.items():
-        status = store.status()
-        role = store.switch.active_role
-        if role is None:
-            reasons = "; ".join(f"{h.endpoint.name}: {h.reason}" for h in store.health.values())
-            logger.warning("%s has no usable endpoint at startup (%s); requests will fail until one answers", name, reasons)
-        elif not store.switch.on_preferred:
-            primary = store.health.get(Role.PRIMARY)
-            why = primary.reason if primary is not None else "no primary configured"
+        snap = store.snapshot()
+        active = snap.active_endpoint
+        if active is None:
             logger.warning(
-                "%s started on its fallback %s because the primary is down: %s", name, status["current_db"], why
+                "%s has no usable endpoint at startup (%s); requests will fail until one answers", name, snap.why_unavailable()
             )
+        elif not snap.on_preferred:
+            primary = snap.endpoints.get(Role.PRIMARY)
+            why = primary.reason if primary is not None else "no primary configured"
+            logger.warning("%s started on its fallback %s because the primary is down: %s", name, active.name, why)
         else:
-            logger.info("%s serving from %s (%s)", name, status["current_db"], role)
+            logger.info("%s serving from %s (%s)", name, active.name, snap.active_role)
 
 
 def get_databases(request: Request) -> Databases:

@@ -44,6 +44,6 @@ async def livez() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     """Every configured store has an endpoint to route to."""
     dbs = get_databases(request)
-    ready = all(store.switch.active_role is not None for store in dbs.stores.values())
+    ready = all(store.snapshot().available for store in dbs.stores.values())
     body: dict[str, Any] = {"status": "ready" if ready else "not ready"}
     return JSONResponse(body, status_code=200 if ready else 503, headers={"Cache-Control": "no-store"})

@@ -174,8 +174,9 @@ async def schema_extension(dbs: Databases) -> AsyncIterator[None]:
     endpoints = [
         store.endpoints[role]
         for store in dbs.stores.values()
-        for role, health in store.health.items()
-        if store.name in _SCHEMA and health.healthy
+        if store.name in _SCHEMA
+        for role, endpoint in store.snapshot().endpoints.items()
+        if endpoint.healthy
     ]
     try:
         await asyncio.gather(*(one(ep) for ep in endpoints))
@@ -205,7 +206,7 @@ def _served(dbs: Databases, store: str, role: Role | None) -> dict[str, Any]:
     failover = dbs.store(store)
     if role is None:
         served = last_served()
-        role = served.role if served is not None and served.store == store else failover.switch.active_role
+        role = served.role if served is not None and served.store == store else failover.snapshot().active_role
     endpoint = failover.endpoints.get(role) if role is not None else None
     return {"served_by": str(role) if role is not None else None, "endpoint": endpoint.name if endpoint else None}
 

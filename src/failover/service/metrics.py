@@ -7,13 +7,14 @@ Two sources feed them:
   histograms and counters as they happen, so a failover that came and went
   between two scrapes is still counted;
 * the current state (active role, endpoint health, the stores' operation
-  counters, the reconcile backlog and applied count) is read from the stores at
-  scrape time by a custom collector, so it can never drift from what
-  ``/api/v1/health/databases`` says.
+  counters, the reconcile backlog and applied count, warm sync) is read from each
+  store's :meth:`~failover.core.store.FailoverStore.snapshot` at scrape time by a
+  custom collector, so it can never drift from what ``/api/v1/health/databases`` says.
 
 Each app gets its own ``CollectorRegistry`` (never the global one): two apps in
 one process, as in the test suite, do not collide. Label values are bounded:
-free-text reasons are reduced to a small set of causes by :func:`reason_cause`.
+failovers and failbacks are counted by the switch's own
+:class:`~failover.core.events.TransitionCause`, never by parsing the free-text reason.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from ..core.events import (
 if TYPE_CHECKING:
     from ..databases import Databases
 
-__all__ = ["FailoverMetrics", "reason_cause", "CONTENT_TYPE"]
+__all__ = ["FailoverMetrics", "CONTENT_TYPE"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -52,32 +53,6 @@ DEFAULT_RECONCILE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 DEFAULT_HOLD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 # Conflict resolutions (core.reconcile.Resolution); anything else is counted as "other".
 _RESOLUTIONS = frozenset({"fallback_kept", "primary_kept"})
-
-# (substring of the lower-cased reason, cause label); first match wins.
-_CAUSES: tuple[tuple[str, str], ...] = (
-    ("pinned", "pinned"),
-    ("pin released", "pinned"),
-    ("reconcil", "reconcile"),
-    ("breaker", "breaker"),
-    ("timed out", "timeout"),
-    ("read-only", "read_only"),
-    ("not writable", "read_only"),
-    ("healthy for", "primary_healthy"),
-    ("good probe", "probe_ok"),
-    ("failed probe", "probe_failed"),
-    ("down", "endpoint_down"),
-    ("refused", "endpoint_down"),
-)
-
-
-def reason_cause(reason: str) -> str:
-    """Reduce a free-text transition reason to a bounded label value."""
-    text = reason.lower()
-    for needle, cause in _CAUSES:
-        if needle in text:
-            return cause
-    return "other"
-
 
 class _StatusCollector(Collector):
     """Reads the live state of every store at scrape time."""
@@ -126,34 +101,33 @@ class _StatusCollector(Collector):
             "failover_warm_state", "1 for the warm sync state of each store", labels=["store", "state"]
         )
         for name, store in self._databases.stores.items():
-            role = store.switch.active_role
+            snap = store.snapshot()
             for candidate in store.endpoints:
-                active.add_metric([name, str(candidate)], 1.0 if candidate is role else 0.0)
+                active.add_metric([name, str(candidate)], 1.0 if candidate is snap.active_role else 0.0)
             for each in SwitchState:
-                state.add_metric([name, str(each)], 1.0 if store.switch.state is each else 0.0)
-            for r, health in store.health.items():
-                labels = [name, str(r), health.endpoint.name]
-                up.add_metric(labels, 1.0 if health.available else 0.0)
-                healthy.add_metric(labels, 1.0 if health.healthy else 0.0)
-            counters = store.counters
+                state.add_metric([name, str(each)], 1.0 if snap.state is each else 0.0)
+            for r, endpoint in snap.endpoints.items():
+                labels = [name, str(r), endpoint.name]
+                up.add_metric(labels, 1.0 if endpoint.available else 0.0)
+                healthy.add_metric(labels, 1.0 if endpoint.healthy else 0.0)
+            counters = snap.counters
             operations.add_metric([name], float(counters.get("operations", 0)))
             errors.add_metric([name], float(counters.get("errors", 0)))
             retries.add_metric([name], float(counters.get("retries", 0)))
-            switches.add_metric([name], float(store.switch.switches))
-            if store.reconciler is not None:
-                reconcile = store.reconciler.snapshot()
+            switches.add_metric([name], float(counters.get("switches", 0)))
+            reconcile = snap.reconcile
+            if reconcile.get("enabled"):
                 if reconcile.get("backlog") is not None:  # None: not read yet (fallback down since start)
                     backlog.add_metric([name], float(reconcile["backlog"]))
                 applied.add_metric([name], float(reconcile.get("applied") or 0))
                 if isinstance(reconcile.get("unprotected_tables"), list):
                     unprotected.add_metric([name], float(len(reconcile["unprotected_tables"])))
-            warm = getattr(store, "warm", None)
-            if warm is not None:
-                doc = warm.snapshot()
-                if doc.get("lag_s") is not None:
-                    warm_lag.add_metric([name], float(doc["lag_s"]))
+            warm = snap.warm
+            if warm.get("enabled"):
+                if warm.get("lag_s") is not None:
+                    warm_lag.add_metric([name], float(warm["lag_s"]))
                 for each in ("copying", "streaming", "off", "broken"):
-                    warm_state.add_metric([name, each], 1.0 if doc.get("state") == each else 0.0)
+                    warm_state.add_metric([name, each], 1.0 if warm.get("state") == each else 0.0)
         yield from (
             active, state, up, healthy, operations, errors, retries, switches, backlog, applied, unprotected,
             warm_lag, warm_state,
@@ -179,10 +153,10 @@ class FailoverMetrics:
             "failover_transitions", "switch state changes", ["store", "from_state", "to_state"], registry=self.registry
         )
         self.failovers = Counter(
-            "failover_failovers", "moves from the primary to the fallback, by cause", ["store", "reason"], registry=self.registry
+            "failover_failovers", "moves from the primary to the fallback, by cause", ["store", "cause"], registry=self.registry
         )
         self.failbacks = Counter(
-            "failover_failbacks", "returns from the fallback to the primary, by cause", ["store", "reason"], registry=self.registry
+            "failover_failbacks", "returns from the fallback to the primary, by cause", ["store", "cause"], registry=self.registry
         )
         self.retried = Counter(
             "failover_retries_by_role",
@@ -249,9 +223,9 @@ class FailoverMetrics:
         elif isinstance(event, StateChanged):
             self.transitions.labels(event.store, str(event.from_state), str(event.to_state)).inc()
             if isinstance(event, FailoverStarted):
-                self.failovers.labels(event.store, reason_cause(event.reason)).inc()
+                self.failovers.labels(event.store, str(event.cause)).inc()
             elif isinstance(event, FailbackCompleted):
-                self.failbacks.labels(event.store, reason_cause(event.reason)).inc()
+                self.failbacks.labels(event.store, str(event.cause)).inc()
         elif isinstance(event, OperationRetried):
             self.retried.labels(event.store, str(event.from_role), str(event.to_role)).inc()
         elif isinstance(event, BreakerTripped):

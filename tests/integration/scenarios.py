@@ -39,7 +39,7 @@ class Subject:
 
     @property
     def state(self) -> SwitchState:
-        return self.dbs.store(self.store).switch.state
+        return self.dbs.store(self.store).snapshot().state
 
 
 async def crash_moves_within_a_second(s: Subject, workers: int = 4) -> Traffic:
@@ -134,7 +134,7 @@ async def flapping_switches_a_bounded_number_of_times(s: Subject, seconds: float
             await asyncio.sleep(0.5)
     finally:
         await traffic.stop()
-    switches = s.dbs.store(s.store).switch.switches
+    switches = s.dbs.store(s.store).snapshot().counters["switches"]
     assert 1 <= switches <= 4
     first_kill = kills[0][0]
     assert len(traffic.successes_after(first_kill)) > 50

@@ -10,19 +10,21 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient
 
-from failover import Databases
+from failover import Databases, last_served
 from failover.core.endpoint import Role
 from failover.core.events import SwitchState
 from failover.errors import FailoverError, NoEndpointAvailable, OperationTimeout, OutcomeUnknown
 from failover.local import LocalServer
 from failover.local.servers import free_port
 from tests.helpers import Traffic, fast_settings, wait_for
+
+from . import scenarios
 
 pytestmark = pytest.mark.integration
 
@@ -71,6 +73,28 @@ def _mixed_traffic(dbs: Databases, collection: str = "traffic") -> Traffic:
         return (await items.insert_one({"i": i})).inserted_id
 
     return Traffic(operation, workers=3)
+
+
+def reads_and_writes(dbs: Databases, collection: str = "traffic") -> Callable[[int], Any]:
+    """find_one, count_documents and insert_one (not idempotent) in turn; each returns the role
+    that served it."""
+    items = dbs.mongodb.database[collection]
+
+    async def operation(i: int) -> str:
+        if i % 3 == 0:
+            await items.find_one({"i": i - 1})
+        elif i % 3 == 1:
+            await items.count_documents({})
+        else:
+            await items.insert_one({"i": i})
+        endpoint = last_served()  # the endpoint that served this call, not the one active after it
+        return str(endpoint.role) if endpoint else "none"
+
+    return operation
+
+
+def subject(dbs: Databases, pair: tuple[LocalServer, LocalServer], collection: str = "traffic") -> scenarios.Subject:
+    return scenarios.Subject(dbs, "mongodb", pair[0], pair[1], reads_and_writes(dbs, collection))
 
 
 async def test_healthy_start_on_primary(mongo_pair: tuple[LocalServer, LocalServer], raw: Any) -> None:
@@ -137,18 +161,8 @@ async def test_routed_api_covers_common_calls(mongo_pair: tuple[LocalServer, Loc
 async def test_sigkill_primary_under_traffic(mongo_pair: tuple[LocalServer, LocalServer], raw: Any) -> None:
     primary, fallback = mongo_pair
     dbs = await _start(primary, fallback)
-    traffic = _mixed_traffic(dbs).start()
     try:
-        await wait_for(lambda: len(traffic.successes_after(0)) >= 30, 5, "traffic on the primary")
-        primary.kill()
-        killed = time.monotonic()
-        await wait_for(lambda: _state(dbs) is SwitchState.ON_FALLBACK, 1.0, "failover within 1 s of the kill")
-        await wait_for(lambda: len(traffic.successes_after(killed)) >= 60, 5, "traffic on the fallback")
-    finally:
-        await traffic.stop()
-    try:
-        errors = traffic.errors_started_after(killed)
-        assert not errors, [repr(o.error) for o in errors[:5]]
+        await scenarios.crash_moves_within_a_second(subject(dbs, mongo_pair))
         status = dbs.status()["mongodb"]
         assert status["current_db"] == "Local MongoDB"
         assert status["using_primary"] is False and status["fallback_available"] is True
@@ -181,34 +195,36 @@ async def test_collection_handle_taken_before_failover_works_after(
 async def test_sigstop_primary_fails_over_without_hanging(mongo_pair: tuple[LocalServer, LocalServer]) -> None:
     primary, fallback = mongo_pair
     dbs = await _start(primary, fallback)
-    budget = dbs.settings.operation_timeout
-    traffic = _mixed_traffic(dbs).start()
     try:
-        await wait_for(lambda: len(traffic.successes_after(0)) >= 30, 5, "traffic on the primary")
-        primary.pause()
-        paused = time.monotonic()
-        # Detection bound: a timed-out live operation or two failed probes.
-        bound = dbs.settings.probe_timeout * dbs.settings.unhealthy_threshold + dbs.settings.health_check_interval + budget
-        await wait_for(lambda: _state(dbs) is SwitchState.ON_FALLBACK, bound, "failover of a paused primary")
-        switched = time.monotonic()
-        await wait_for(lambda: len(traffic.successes_after(switched)) >= 30, 5, "traffic on the fallback")
-        # Once resumed, the primary gets traffic back after the failback delay.
-        primary.resume()
-        await wait_for(lambda: _state(dbs) is SwitchState.ON_PRIMARY, dbs.settings.failback_delay + 4, "failback")
-        back = time.monotonic()
-        await wait_for(lambda: len(traffic.successes_after(back)) >= 30, 5, "traffic on the primary again")
+        await scenarios.hang_fails_over_within_the_timeouts(subject(dbs, mongo_pair))
+        # Once resumed (the scenario resumes it), the primary gets traffic back after the failback delay.
+        traffic = Traffic(reads_and_writes(dbs), workers=2).start()
+        try:
+            await wait_for(lambda: _state(dbs) is SwitchState.ON_PRIMARY, dbs.settings.failback_delay + 6, "failback")
+            back = time.monotonic()
+            await wait_for(lambda: len(traffic.successes_after(back)) >= 30, 5, "traffic on the primary again")
+        finally:
+            await traffic.stop()
+        assert not traffic.errors_started_after(back)
     finally:
-        await traffic.stop()
-        if primary.paused:
-            primary.resume()
+        await dbs.close()
+
+
+async def test_failback_waits_for_the_failback_delay(mongo_pair: tuple[LocalServer, LocalServer], raw: Any) -> None:
+    primary, fallback = mongo_pair
+    dbs = await _start(primary, fallback, FAILOVER_FAILBACK_DELAY=1.5)
+    items = dbs.mongodb.database["delay"]
+
+    async def during_outage() -> None:
+        await items.insert_one({"_id": "during"})  # live traffic notices the crash
+        assert await raw(fallback)["delay"].find_one({"_id": "during"}) == {"_id": "during"}
+
+    async def after_failback() -> None:
+        await items.insert_one({"_id": "after"})
+        assert await raw(primary)["delay"].find_one({"_id": "after"}) == {"_id": "after"}
+
     try:
-        # No operation hung: each finished within its budget (plus scheduling slack).
-        slowest = max(o.finished - o.started for o in traffic.outcomes)
-        assert slowest < budget + 1.0, slowest
-        # Operations caught on the paused primary fail with a typed error only.
-        for outcome in traffic.errors_started_after(paused):
-            assert isinstance(outcome.error, OutcomeUnknown), repr(outcome.error)
-        assert not traffic.errors_started_after(switched)
+        await scenarios.failback_waits_for_the_delay(subject(dbs, mongo_pair), during_outage, after_failback)
     finally:
         await dbs.close()
 
@@ -260,31 +276,13 @@ async def test_flapping_primary_switches_a_bounded_number_of_times(
     mongo_pair: tuple[LocalServer, LocalServer],
 ) -> None:
     primary, fallback = mongo_pair
-    dbs = await _start(primary, fallback)
-    store = dbs.store("mongodb")
-    traffic = _mixed_traffic(dbs, "flap").start()
+    dbs = await _start(primary, fallback, FAILOVER_FAILBACK_DELAY=2.0)
     try:
-        await wait_for(lambda: len(traffic.successes_after(0)) >= 10, 5, "traffic on the primary")
-        ends = time.monotonic() + 8
-        while time.monotonic() < ends:
-            primary.kill()
-            await asyncio.sleep(0.5)  # the fault schedule, not a wait for a condition
-            await asyncio.to_thread(primary.start)
-            await asyncio.sleep(0.5)
-        assert store.switch.switches <= 4, [t.to_dict() for t in store.switch.history]
-        # Once the primary stays up, traffic returns to it, and only once.
-        await wait_for(lambda: _state(dbs) is SwitchState.ON_PRIMARY, dbs.settings.failback_delay + 4, "failback")
-        back = time.monotonic()
-        await wait_for(lambda: len(traffic.successes_after(back)) >= 20, 5, "traffic on the primary again")
-    finally:
-        await traffic.stop()
-    try:
-        assert store.switch.switches <= 5, [t.to_dict() for t in store.switch.history]
-        # Only operations caught in flight by a kill may fail, and only with a typed error.
-        for outcome in traffic.outcomes:
-            if not outcome.ok:
-                assert isinstance(outcome.error, OutcomeUnknown), repr(outcome.error)
-        assert not traffic.errors_started_after(back)
+        await scenarios.flapping_switches_a_bounded_number_of_times(subject(dbs, mongo_pair, "flap"), seconds=8)
+        # Once the primary stays up, traffic returns to it.
+        await wait_for(lambda: _state(dbs) is SwitchState.ON_PRIMARY, dbs.settings.failback_delay + 6, "failback")
+        switches = dbs.store("mongodb").snapshot().counters["switches"]
+        assert switches <= 6, dbs.status()["mongodb"]["transitions"]
     finally:
         await dbs.close()
 
@@ -315,45 +313,39 @@ async def test_both_paused_raises_a_typed_error_within_the_timeout(
 ) -> None:
     primary, fallback = mongo_pair
     dbs = await _start(primary, fallback)
-    budget = dbs.settings.operation_timeout
     items = dbs.mongodb.database["hung"]
+
+    def typed(call: Callable[[], Any]) -> Callable[[], Any]:
+        async def run() -> Any:
+            try:
+                return await call()
+            except FailoverError as exc:
+                # A write caught on a hung server has an unknown outcome (OutcomeUnknown or its
+                # subclass OperationTimeout); a read is retried and then reports no endpoint.
+                assert isinstance(exc, (OutcomeUnknown, NoEndpointAvailable)), repr(exc)
+                raise
+
+        return run
+
     try:
         await items.insert_one({"_id": 1})
         await items.find_one({"_id": 1})
-        primary.pause()
-        fallback.pause()
-        for call in (lambda: items.insert_one({"_id": 2}), lambda: items.find_one({"_id": 1})):
-            started = time.monotonic()
-            with pytest.raises(FailoverError) as caught:
-                await call()
-            # A write caught on a hung server has an unknown outcome (OutcomeUnknown or its
-            # subclass OperationTimeout); a read is retried and then reports no endpoint.
-            assert isinstance(caught.value, (OutcomeUnknown, NoEndpointAvailable)), repr(caught.value)
-            assert time.monotonic() - started < budget + 0.5
+        await scenarios.both_hung_raise_within_the_operation_timeout(
+            subject(dbs, mongo_pair),
+            typed(lambda: items.insert_one({"_id": 2})),
+            typed(lambda: items.find_one({"_id": 1})),
+        )
     finally:
-        primary.resume()
-        fallback.resume()
         await dbs.close()
 
 
 async def test_fallback_down_while_on_primary(mongo_pair: tuple[LocalServer, LocalServer]) -> None:
     primary, fallback = mongo_pair
     dbs = await _start(primary, fallback)
-    traffic = _mixed_traffic(dbs, "fbdown").start()
     try:
-        await wait_for(lambda: len(traffic.successes_after(0)) >= 10, 5, "traffic on the primary")
-        fallback.kill()
-        await wait_for(lambda: dbs.status()["mongodb"]["fallback_available"] is False, 3, "fallback marked down")
-        marked = time.monotonic()
-        await wait_for(lambda: len(traffic.successes_after(marked)) >= 20, 5, "traffic goes on")
-    finally:
-        await traffic.stop()
-    try:
-        assert not [o for o in traffic.outcomes if not o.ok]
+        await scenarios.fallback_down_is_reported_and_harmless(subject(dbs, mongo_pair, "fbdown"))
         status = dbs.status()["mongodb"]
-        assert status["using_primary"] is True and status["primary_available"] is True
-        assert status["current_db"] == "Primary MongoDB"
-        assert dbs.status()["overall_status"] == "healthy"
+        assert status["primary_available"] is True and status["current_db"] == "Primary MongoDB"
     finally:
         await dbs.close()
 

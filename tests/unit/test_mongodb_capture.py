@@ -19,7 +19,6 @@ from failover.stores.mongodb.capture import (
     _arguments,
     _merge,
     _plain,
-    _timestamp,
     document_changed,
     fixed_id,
     journal_key,
@@ -122,23 +121,6 @@ def test_unknown_image_is_a_conflict_unless_the_primary_already_agrees() -> None
     assert plan_copy(UNKNOWN, mine, mine, P.PRIMARY_WINS, 1.0) == ("skip", None)
     assert plan_copy(UNKNOWN, mine, {"_id": 1}, P.PRIMARY_WINS, 1.0)[0] == "skip"
     assert plan_copy(UNKNOWN, mine, {"_id": 1}, P.FALLBACK_WINS, 1.0)[0] == "replace"
-
-
-@pytest.mark.parametrize(
-    ("document", "expected"),
-    [
-        ({"updated_at": dt.datetime(2026, 1, 1)}, dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc).timestamp()),
-        ({"modified_at": "2026-01-01T00:00:00+00:00"}, dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc).timestamp()),
-        ({"updated_at": 1_700_000_000}, 1_700_000_000.0),
-        ({"updated_at": 1_700_000_000_000}, 1_700_000_000.0),  # milliseconds
-        ({"updated_at": "yesterday"}, None),
-        ({"updated_at": True}, None),
-        ({}, None),
-        (None, None),
-    ],
-)
-def test_timestamp(document: dict | None, expected: float | None) -> None:
-    assert _timestamp(document) == expected
 
 
 def test_library_collections_are_never_captured() -> None:

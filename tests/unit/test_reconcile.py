@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from failover.core.reconcile import (
     Conflict,
     ConflictPolicy,
     Resolution,
+    change_time,
     resolve,
     summarize,
 )
@@ -34,6 +36,26 @@ def test_policies() -> None:
     assert resolve(ConflictPolicy.NEWEST_WINS, 3.0, 2.0)[0] is Resolution.FALLBACK_KEPT
     resolution, why = resolve(ConflictPolicy.NEWEST_WINS, 3.0, None)
     assert resolution is Resolution.FALLBACK_KEPT and "no timestamp" in why
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"updated_at": dt.datetime(2026, 1, 1)}, dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc).timestamp()),
+        ({"modified_at": "2026-01-01T00:00:00+00:00"}, dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc).timestamp()),
+        ({"updated_at": "2026-01-01T00:00:00Z"}, dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc).timestamp()),
+        ({"updated_at": "2026-01-01T00:00:00"}, dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc).timestamp()),
+        ({"updated_at": 1_700_000_000}, 1_700_000_000.0),
+        ({"updated_at": 1_700_000_000_000}, 1_700_000_000.0),  # milliseconds
+        ({"updated_at": b"1700000000500"}, 1_700_000_000.5),
+        ({"updated_at": "yesterday", "modified_at": 5.0}, 5.0),
+        ({"updated_at": True}, None),
+        ({}, None),
+        (None, None),
+    ],
+)
+def test_change_time(fields: dict[str, Any] | None, expected: float | None) -> None:
+    assert change_time(fields) == expected
 
 
 def test_summaries_mask_secrets_and_cut_long_values() -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import datetime as dt
 import enum
 import logging
 import time
@@ -49,6 +50,8 @@ __all__ = [
     "ConflictPolicy",
     "Reconciler",
     "Resolution",
+    "TIMESTAMP_FIELDS",
+    "change_time",
     "resolve",
     "summarize",
 ]
@@ -130,6 +133,39 @@ def summarize(value: Any, limit: int = SUMMARY_VALUE_LIMIT) -> Any:
     if value is None or isinstance(value, (bool, int, float)):
         return value
     return summarize(str(value), limit)
+
+
+TIMESTAMP_FIELDS = ("updated_at", "modified_at")
+"""Fields read as "when this version changed" by ``newest_wins``, first found wins."""
+
+
+def change_time(fields: Mapping[str, Any] | None) -> float | None:
+    """When a version changed, from its ``updated_at``/``modified_at`` field, as epoch seconds.
+
+    Accepts what the stores hold there: a ``datetime`` (naive means UTC), epoch seconds
+    or milliseconds (numbers, or their text), or ISO-8601 text (``Z`` allowed). None
+    when no such field holds a usable value.
+    """
+    if not fields:
+        return None
+    for name in TIMESTAMP_FIELDS:
+        value = fields.get(name)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, dt.datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                try:
+                    parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+                except ValueError:
+                    continue
+                return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).timestamp()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value) / 1000 if value > 1e11 else float(value)  # epoch ms or s
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,7 @@ from psycopg.types.json import Jsonb
 
 from ..core.endpoint import Endpoint, Role
 from .postgres import _socket_alive
-from ..core.reconcile import BatchResult, Capture, Conflict, ConflictPolicy, Resolution, resolve, summarize
+from ..core.reconcile import BatchResult, Capture, Conflict, ConflictPolicy, Resolution, change_time, resolve, summarize
 
 __all__ = ["PostgresCapture", "SEQUENCE_GAPS"]
 
@@ -62,8 +62,6 @@ logger = logging.getLogger("failover.postgres.capture")
 SCHEMA = "failover"
 # How far ahead of the primary's value a fallback sequence starts, by the sequence's type.
 SEQUENCE_GAPS = {"bigint": 1 << 40, "integer": 1 << 30, "smallint": 1 << 14}
-# Columns read as "when the primary's version changed", for newest_wins.
-TIMESTAMP_COLUMNS = ("updated_at", "modified_at")
 _LOCK_KEY = 0x6661696C  # "fail": the pair's reconcile lock (session advisory lock on the fallback)
 _INSTALL_LOCK_KEY = 0x696E7374  # "inst": serialises concurrent installs
 
@@ -227,22 +225,6 @@ def _key_text(table: str, pk: dict[str, Any]) -> str:
 
 def _pk_of(row: dict[str, Any], columns: list[str]) -> str:
     return json.dumps({c: row.get(c) for c in columns}, sort_keys=True, default=str)
-
-
-def _timestamp(row: dict[str, Any] | None) -> float | None:
-    if not row:
-        return None
-    for column in TIMESTAMP_COLUMNS:
-        value = row.get(column)
-        if isinstance(value, str):
-            try:
-                parsed = dt.datetime.fromisoformat(value)
-            except ValueError:
-                continue
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=dt.timezone.utc)
-            return parsed.timestamp()
-    return None
 
 
 class PostgresCapture(Capture):
@@ -539,7 +521,7 @@ class PostgresCapture(Capture):
                         continue  # already there (a batch re-run after a crash, or the same write on both)
                     copy = True
                     if theirs != before:
-                        resolution, why = resolve(policy, last_at, _timestamp(theirs))
+                        resolution, why = resolve(policy, last_at, change_time(theirs))
                         copy = resolution is Resolution.FALLBACK_KEPT
                         conflicts.append(
                             Conflict(

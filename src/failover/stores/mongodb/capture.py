@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
@@ -98,7 +97,7 @@ from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError,
 from pymongo.results import BulkWriteResult, DeleteResult, UpdateResult
 
 from ...core.endpoint import Endpoint, Role
-from ...core.reconcile import BatchResult, Capture, Conflict, ConflictPolicy, Resolution, resolve, summarize
+from ...core.reconcile import BatchResult, Capture, Conflict, ConflictPolicy, Resolution, change_time, resolve, summarize
 from .backend import _MaybePartlyApplied, _NotSent
 from .urls import DEFAULT_DATABASE, client_options
 
@@ -135,7 +134,6 @@ EXACT_COUNT_BELOW = 1_000
 """Backlogs up to this size are counted exactly; larger ones from the collection's metadata."""
 WRITE_CHUNK = 10_000
 """Ids per restricted write of ``update_many``/``delete_many`` (keeps ``$in`` lists bounded)."""
-TIMESTAMP_FIELDS = ("updated_at", "modified_at")
 UNKNOWN = "unknown"
 """``before`` value of an intent whose image could not be taken (see :meth:`MongoJournal._settle`)."""
 
@@ -195,29 +193,6 @@ def document_changed(before: Any, current: Mapping[str, Any] | None) -> bool:
     return current is None or dict(current) != image
 
 
-def _timestamp(document: Mapping[str, Any] | None) -> float | None:
-    """When the primary's version changed, from its ``updated_at``/``modified_at`` field."""
-    if not document:
-        return None
-    for name in TIMESTAMP_FIELDS:
-        value = document.get(name)
-        if isinstance(value, dt.datetime):
-            if value.tzinfo is None:
-                value = value.replace(tzinfo=dt.timezone.utc)  # PyMongo decodes BSON dates as naive UTC
-            return value.timestamp()
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value) / 1000 if value > 1e11 else float(value)  # milliseconds or seconds
-        if isinstance(value, str):
-            try:
-                parsed = dt.datetime.fromisoformat(value)
-            except ValueError:
-                continue
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=dt.timezone.utc)
-            return parsed.timestamp()
-    return None
-
-
 def plan_copy(
     before: Any, mine: Mapping[str, Any] | None, theirs: Mapping[str, Any] | None,
     policy: ConflictPolicy, fallback_changed_at: float | None,
@@ -234,7 +209,7 @@ def plan_copy(
         return "skip", None
     conflict = None
     if before == UNKNOWN or _decode(before) != (None if theirs is None else dict(theirs)):
-        conflict = resolve(policy, fallback_changed_at, _timestamp(theirs))
+        conflict = resolve(policy, fallback_changed_at, change_time(theirs))
         if conflict[0] is Resolution.PRIMARY_KEPT:
             return "skip", conflict
     return ("delete" if mine is None else "replace"), conflict

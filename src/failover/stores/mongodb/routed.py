@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import NotPrimaryError
 
 from ...core.endpoint import Endpoint, Role
 from .backend import _MaybePartlyApplied

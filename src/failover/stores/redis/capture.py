@@ -60,7 +60,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -74,7 +73,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from ...core.endpoint import Endpoint, Role
-from ...core.reconcile import BatchResult, Capture, Conflict, ConflictPolicy, Resolution, resolve, summarize
+from ...core.reconcile import BatchResult, Capture, Conflict, ConflictPolicy, Resolution, change_time, resolve, summarize
 from .writes import REFUSED_ON_FALLBACK, blocking_timeout, command_words, write_keys
 
 __all__ = ["CaptureRefused", "Polled", "RedisCapture", "digest"]
@@ -117,7 +116,6 @@ BATCH_TIME_BUDGET = 5.0
 """Seconds one batch may spend on big keys; those left over stay in the backlog for the next one."""
 BLOCKING_POLL_INTERVAL = 0.05
 """Seconds between two attempts of a blocking command (``BLPOP``...) served by the fallback."""
-TIMESTAMP_FIELDS = ("updated_at", "modified_at")
 
 # --- Lua -----------------------------------------------------------------------------------
 
@@ -484,7 +482,7 @@ def _summary(kind: str, size: int, value: Any) -> Any:
 
 
 def _timestamp(kind: str, value: Any) -> float | None:
-    """The primary version's own change time, for newest_wins (see the module docstring)."""
+    """The primary version's own change time, for newest_wins: a field of a hash or of a JSON string."""
     fields: dict[str, Any] | None = None
     if kind == "hash" and value is not None:
         fields = {_text(f): v for f, v in value}
@@ -494,31 +492,7 @@ def _timestamp(kind: str, value: Any) -> float | None:
         except ValueError:
             parsed = None
         fields = parsed if isinstance(parsed, dict) else None
-    if not fields:
-        return None
-    for name in TIMESTAMP_FIELDS:
-        raw = fields.get(name)
-        if raw is None:
-            continue
-        if isinstance(raw, bytes):
-            raw = raw.decode("utf-8", "replace")
-        try:
-            number = float(raw)
-        except (TypeError, ValueError):
-            pass
-        else:
-            return number / 1000 if number > 1e11 else number  # epoch ms or s
-        if isinstance(raw, str):
-            import datetime as dt
-
-            try:
-                parsed_time = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-            except ValueError:
-                continue
-            if parsed_time.tzinfo is None:
-                parsed_time = parsed_time.replace(tzinfo=dt.timezone.utc)
-            return parsed_time.timestamp()
-    return None
+    return change_time(fields)
 
 
 @dataclass(slots=True)

@@ -65,6 +65,9 @@ def item_ids(server: LocalServer, table: str = "sa_items") -> list[Any]:
 
 
 async def databases(primary_url: str, fallback_url: str, **overrides: Any) -> Databases:
+    # These tests tell where a transaction ran by which server holds its rows: a cold fallback
+    # (a warm one holds copies of the primary's rows; warm sync has tests of its own).
+    overrides.setdefault("FAILOVER_WARM", "off")
     dbs = Databases(fast_settings(SUPABASE_DB_URL=primary_url, POSTGRES_URL=fallback_url, **overrides))
     await dbs.start()
     return dbs

@@ -1,1 +1,5 @@
-"""One module per store: connect, probe, classify errors, route operations."""
+"""One store each: connect, probe, classify errors, route operations, capture for reconcile.
+
+``redis`` and ``mongodb`` are packages with a module per concept (see their docstrings);
+each store exposes ``create()``, which :class:`~failover.Databases` calls.
+"""

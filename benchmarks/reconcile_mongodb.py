@@ -21,17 +21,16 @@ import argparse
 import asyncio
 import json
 import time
-from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pymongo import AsyncMongoClient, ReplaceOne
 
-from failover import SwitchState
+from failover import Databases, SwitchState
 from failover.core.events import Event, ReconcileCompleted
 
-from failover.local.traffic import Traffic
-
-from ._common import open_databases, server_pair, summary, wait_until
+from ._common import open_databases, server_pair, wait_until
+from ._reconcile import hold_table, write_hold
 
 COLLECTION = "bench_docs"
 
@@ -95,32 +94,13 @@ async def throughput(docs: int, batch: int) -> dict[str, Any]:
         }
 
 
-async def write_hold(cycles: int) -> dict[str, Any]:
-    async with server_pair("mongodb") as (primary, fallback):
-        dbs = await open_databases("mongodb", primary.url, fallback.url)
-        events: list[Event] = []
-        dbs.subscribe(events.append)
-        store = dbs.store("mongodb")
-        collection = dbs.mongodb.database[COLLECTION]
+def _hold_writer(dbs: Databases) -> Callable[[int], Awaitable[Any]]:
+    collection = dbs.mongodb.database[COLLECTION]
 
-        async def write(i: int) -> None:
-            await collection.update_one({"_id": i % 500}, {"$set": {"n": i}}, upsert=True)
+    async def write(i: int) -> None:
+        await collection.update_one({"_id": i % 500}, {"$set": {"n": i}}, upsert=True)
 
-        load = Traffic(write, 4, 0.002).start()
-        try:
-            for _ in range(cycles):
-                await wait_until(lambda: store.switch.state is SwitchState.ON_PRIMARY, 60, "on the primary")
-                await asyncio.to_thread(primary.kill)
-                await wait_until(lambda: store.switch.state is SwitchState.ON_FALLBACK, 10, "failover")
-                await asyncio.sleep(1.0)  # the outage: writes land on the fallback
-                await asyncio.to_thread(primary.start)
-            await wait_until(lambda: store.switch.state is SwitchState.ON_PRIMARY, 60, "final failback")
-        finally:
-            await load.stop()
-            await dbs.close()
-        holds = [e.hold for e in events if isinstance(e, ReconcileCompleted) and e.ok and e.hold is not None]
-        errors = Counter(o.error_kind or "error" for o in load.outcomes if not o.ok)
-        return {"cycles": cycles, "hold_s": summary(holds), "writes": len(load.outcomes), "errors": dict(errors)}
+    return write
 
 
 async def main() -> None:
@@ -130,7 +110,7 @@ async def main() -> None:
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = {"throughput": await throughput(args.docs, args.batch), "write_hold": await write_hold(args.cycles)}
+    result = {"throughput": await throughput(args.docs, args.batch), "write_hold": await write_hold("mongodb", _hold_writer, args.cycles)}
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -141,19 +121,7 @@ async def main() -> None:
         f"| {t['docs']} | {t['batch_size']} | {t['reconciling_s']} s | {t['docs_per_s']:.0f} | "
         f"{t['copy_docs_per_s'] or 0:.0f} | {t['raw_driver_docs_per_s'] or 0:.0f} | {t['docs_on_primary']} |"
     )
-    hold = h["hold_s"]
-
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value * 1000:.1f} ms"
-
-    print()
-    print("| failbacks under load | write hold p50 | p99 | max | writes | errors |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    print(
-        f"| {hold['n']}/{h['cycles']} | {ms(hold['p50_s'])} | {ms(hold['p99_s'])} | {ms(hold['max_s'])} | "
-        f"{h['writes']} | {h['errors'] or 0} |"
-    )
-
+    hold_table(h)
 
 if __name__ == "__main__":
     asyncio.run(main())

@@ -18,17 +18,17 @@ import argparse
 import asyncio
 import json
 import time
-from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
 
-from failover import SwitchState
+from failover import Databases, SwitchState
 from failover.core.events import Event, ReconcileCompleted
+from failover.local import LocalServer
 
-from failover.local.traffic import Traffic
-
-from ._common import open_databases, server_pair, summary, wait_until
+from ._common import open_databases, server_pair, wait_until
+from ._reconcile import hold_table, write_hold
 
 SCHEMA = "create table if not exists bench_items (id bigint primary key, note text not null, n int not null)"
 
@@ -75,38 +75,20 @@ async def throughput(rows: int, batch: int) -> dict[str, Any]:
         }
 
 
-async def write_hold(cycles: int) -> dict[str, Any]:
-    async with server_pair("postgres") as (primary, fallback):
-        for server in (primary, fallback):
-            with psycopg.connect(server.url, autocommit=True) as conn:
-                conn.execute(SCHEMA)
-        dbs = await open_databases("postgres", primary.url, fallback.url)
-        events: list[Event] = []
-        dbs.subscribe(events.append)
-        store = dbs.store("postgres")
-        async def write(i: int) -> None:
-            await dbs.postgres.execute("insert into bench_items values (%s, 'hold', %s)", (i, i))
+async def _prepare(server: LocalServer) -> None:
+    await asyncio.to_thread(_create_schema, server.url)
 
-        load = Traffic(write, 4, 0.002).start()
-        try:
-            for _ in range(cycles):
-                await wait_until(lambda: store.switch.state is SwitchState.ON_PRIMARY, 60, "on the primary")
-                await asyncio.to_thread(primary.kill)
-                await wait_until(lambda: store.switch.state is SwitchState.ON_FALLBACK, 10, "failover")
-                await asyncio.sleep(1.0)  # the outage: writes land on the fallback
-                await asyncio.to_thread(primary.start)
-            await wait_until(lambda: store.switch.state is SwitchState.ON_PRIMARY, 60, "final failback")
-        finally:
-            await load.stop()
-            await dbs.close()
-        holds = [e.hold for e in events if isinstance(e, ReconcileCompleted) and e.ok and e.hold is not None]
-        errors = Counter(o.error_kind or "error" for o in load.outcomes if not o.ok)
-        return {
-            "cycles": cycles,
-            "hold_s": summary(holds),
-            "writes": len(load.outcomes),
-            "errors": dict(errors),
-        }
+
+def _create_schema(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+
+
+def _hold_writer(dbs: Databases) -> Callable[[int], Awaitable[Any]]:
+    async def write(i: int) -> None:
+        await dbs.postgres.execute("insert into bench_items values (%s, 'hold', %s)", (i, i))
+
+    return write
 
 
 async def main() -> None:
@@ -116,7 +98,7 @@ async def main() -> None:
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = {"throughput": await throughput(args.rows, args.batch), "write_hold": await write_hold(args.cycles)}
+    result = {"throughput": await throughput(args.rows, args.batch), "write_hold": await write_hold("postgres", _hold_writer, args.cycles, _prepare)}
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -127,19 +109,7 @@ async def main() -> None:
         f"| {t['rows']} | {t['batch_size']} | {t['reconciling_s']} s | {t['rows_per_s']:.0f} | "
         f"{t['copy_rows_per_s'] or 0:.0f} | {t['rows_on_primary']} |"
     )
-    hold = h["hold_s"]
-
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value * 1000:.1f} ms"
-
-    print()
-    print("| failbacks under load | write hold p50 | p99 | max | writes | errors |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    print(
-        f"| {hold['n']}/{h['cycles']} | {ms(hold['p50_s'])} | {ms(hold['p99_s'])} | {ms(hold['max_s'])} | "
-        f"{h['writes']} | {h['errors'] or 0} |"
-    )
-
+    hold_table(h)
 
 if __name__ == "__main__":
     asyncio.run(main())

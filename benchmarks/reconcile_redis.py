@@ -22,17 +22,16 @@ import argparse
 import asyncio
 import json
 import time
-from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from failover import SwitchState
+from failover import Databases, SwitchState
 from failover.core.events import Event, ReconcileCompleted
 
-from failover.local.traffic import Traffic
-
-from ._common import open_databases, server_pair, summary, wait_until
+from ._common import open_databases, server_pair, wait_until
+from ._reconcile import hold_table, write_hold
 
 
 async def _write_outage(dbs: Any, keys: int) -> None:
@@ -117,31 +116,11 @@ async def big_key(fields: int) -> dict[str, Any]:
         }
 
 
-async def write_hold(cycles: int) -> dict[str, Any]:
-    async with server_pair("redis") as (primary, fallback):
-        dbs = await open_databases("redis", primary.url, fallback.url)
-        events: list[Event] = []
-        dbs.subscribe(events.append)
-        store = dbs.store("redis")
+def _hold_writer(dbs: Databases) -> Callable[[int], Awaitable[Any]]:
+    async def write(i: int) -> None:
+        await dbs.redis.set(f"hold:{i}", i)
 
-        async def write(i: int) -> None:
-            await dbs.redis.set(f"hold:{i}", i)
-
-        load = Traffic(write, 4, 0.002).start()
-        try:
-            for _ in range(cycles):
-                await wait_until(lambda: store.switch.state is SwitchState.ON_PRIMARY, 60, "on the primary")
-                await asyncio.to_thread(primary.kill)
-                await wait_until(lambda: store.switch.state is SwitchState.ON_FALLBACK, 10, "failover")
-                await asyncio.sleep(1.0)  # the outage: writes land on the fallback
-                await asyncio.to_thread(primary.start)
-            await wait_until(lambda: store.switch.state is SwitchState.ON_PRIMARY, 60, "final failback")
-        finally:
-            await load.stop()
-            await dbs.close()
-        holds = [e.hold for e in events if isinstance(e, ReconcileCompleted) and e.ok and e.hold is not None]
-        errors = Counter(o.error_kind or "error" for o in load.outcomes if not o.ok)
-        return {"cycles": cycles, "hold_s": summary(holds), "writes": len(load.outcomes), "errors": dict(errors)}
+    return write
 
 
 async def main() -> None:
@@ -155,7 +134,7 @@ async def main() -> None:
     result = {
         "throughput": await throughput(args.keys, args.batch),
         "big_key": await big_key(args.big),
-        "write_hold": await write_hold(args.cycles),
+        "write_hold": await write_hold("redis", _hold_writer, args.cycles),
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -171,19 +150,7 @@ async def main() -> None:
     print("| big hash fields | copy time | elements/s | on primary |")
     print("|---:|---:|---:|---:|")
     print(f"| {b['fields']} | {b['copy_s']} s | {b['elements_per_s'] or 0:.0f} | {b['fields_on_primary']} |")
-    hold = h["hold_s"]
-
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value * 1000:.1f} ms"
-
-    print()
-    print("| failbacks under load | write hold p50 | p99 | max | writes | errors |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    print(
-        f"| {hold['n']}/{h['cycles']} | {ms(hold['p50_s'])} | {ms(hold['p99_s'])} | {ms(hold['max_s'])} | "
-        f"{h['writes']} | {h['errors'] or 0} |"
-    )
-
+    hold_table(h)
 
 if __name__ == "__main__":
     asyncio.run(main())

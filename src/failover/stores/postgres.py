@@ -44,7 +44,7 @@ from ..core.attempt import attempt_deadline, current_attempt
 from ..core.clock import Clock
 from ..core.events import EventBus
 from ..core.store import Backend, ErrorKind, FailoverStore, StoreOptions
-from ..errors import OperationTimeout, TransactionRolledBack
+from ..errors import TransactionRolledBack
 
 __all__ = ["FailoverConnection", "PostgresBackend", "PostgresStore", "create"]
 

@@ -39,7 +39,6 @@ The technique of Bucardo and SymmetricDS, kept small:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -51,9 +50,18 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
-from ..core.endpoint import Endpoint, Role
-from .postgres import _socket_alive
-from ..core.reconcile import BatchResult, Capture, Conflict, ConflictPolicy, Resolution, change_time, resolve, summarize
+from ..core.endpoint import Endpoint
+from ..core.reconcile import (
+    BatchResult,
+    Capture,
+    Conflict,
+    ConflictPolicy,
+    Resolution,
+    change_time,
+    resolve,
+    summarize,
+)
+from .postgres_connections import EndpointConnections
 
 __all__ = ["PostgresCapture", "SEQUENCE_GAPS"]
 
@@ -247,50 +255,17 @@ class PostgresCapture(Capture):
         self.unprotected: list[str] = []
         self.missing: list[str] = []
         self._warned: set[str] = set()
-        self._conns: dict[Role, AsyncConnection[Any]] = {}
-        self._conn_locks: dict[Role, asyncio.Lock] = {Role.PRIMARY: asyncio.Lock(), Role.FALLBACK: asyncio.Lock()}
+        self._connections = EndpointConnections("failover-reconcile", connect_timeout=connect_timeout, utc=True)
         self._columns: dict[str, list[str]] = {}
 
     # --- connections --------------------------------------------------------------------------
 
-    async def _connect(self, endpoint: Endpoint, **kwargs: Any) -> AsyncConnection[Any]:
-        async with asyncio.timeout(self.connect_timeout + 1):
-            conn = await AsyncConnection.connect(
-                endpoint.url,
-                connect_timeout=max(2, int(round(self.connect_timeout))),
-                application_name="failover-reconcile",
-                **kwargs,
-            )
-        await conn.execute("set timezone to 'UTC'")
-        await conn.commit()
-        return conn
-
-    @contextlib.asynccontextmanager
-    async def _using(self, endpoint: Endpoint) -> AsyncIterator[AsyncConnection[Any]]:
-        """A cached connection to *endpoint*, used by one task at a time; dropped on any failure."""
-        async with self._conn_locks[endpoint.role]:
-            conn = self._conns.get(endpoint.role)
-            if conn is not None and not _socket_alive(conn):
-                self._conns.pop(endpoint.role, None)
-                with contextlib.suppress(Exception):
-                    await conn.close()
-                conn = None
-            if conn is None:
-                conn = await self._connect(endpoint)
-                self._conns[endpoint.role] = conn
-            try:
-                yield conn
-            except BaseException:
-                self._conns.pop(endpoint.role, None)
-                with contextlib.suppress(Exception):
-                    await conn.close()
-                raise
+    def _using(self, endpoint: Endpoint) -> contextlib.AbstractAsyncContextManager[AsyncConnection[Any]]:
+        """A cached connection to *endpoint* (UTC session), one task at a time; dropped on any failure."""
+        return self._connections.using(endpoint)
 
     async def close(self) -> None:
-        for conn in list(self._conns.values()):
-            with contextlib.suppress(Exception):
-                await conn.close()
-        self._conns.clear()
+        await self._connections.close()
 
     # --- install ------------------------------------------------------------------------------
 
@@ -621,7 +596,7 @@ class PostgresCapture(Capture):
 
     @contextlib.asynccontextmanager
     async def lock(self, fallback: Endpoint) -> AsyncIterator[bool]:
-        conn = await self._connect(fallback, autocommit=True)
+        conn = await self._connections.connect(fallback, autocommit=True)
         try:
             cur = await conn.execute("select pg_try_advisory_lock(%s)", (_LOCK_KEY,))
             row = await cur.fetchone()
@@ -633,7 +608,7 @@ class PostgresCapture(Capture):
                 await conn.close()
 
     async def conflicts(self, fallback: Endpoint, limit: int) -> list[dict[str, Any]]:
-        conn = await self._connect(fallback, autocommit=True)
+        conn = await self._connections.connect(fallback, autocommit=True)
         try:
             cur = await conn.execute(
                 "select store, key, resolution, extract(epoch from at)::float8, primary_version, fallback_version, detail "

@@ -58,15 +58,14 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, sql
 
-from ..core.endpoint import Endpoint, Role
+from ..core.endpoint import Endpoint
 from ..core.warm import SyncProgress, WarmSync, WarmUnavailable
-from .postgres import _socket_alive
+from .postgres_connections import EndpointConnections
 
 __all__ = ["PostgresWarmSync", "PUBLICATION", "SUBSCRIPTION"]
 
@@ -150,43 +149,16 @@ class PostgresWarmSync(WarmSync):
         self._errors_seen = 0
         self._error_times: list[tuple[float, int]] = []
         self._idle_checks = 0
-        self._conns: dict[Role, AsyncConnection[Any]] = {}
-        self._locks: dict[Role, asyncio.Lock] = {Role.PRIMARY: asyncio.Lock(), Role.FALLBACK: asyncio.Lock()}
+        self._connections = EndpointConnections("failover-warm", connect_timeout=connect_timeout, autocommit=True)
 
     # --- connections --------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _using(self, endpoint: Endpoint) -> AsyncIterator[AsyncConnection[Any]]:
+    def _using(self, endpoint: Endpoint) -> contextlib.AbstractAsyncContextManager[AsyncConnection[Any]]:
         """A cached autocommit connection to *endpoint*, one task at a time; dropped on any failure."""
-        async with self._locks[endpoint.role]:
-            conn = self._conns.get(endpoint.role)
-            if conn is not None and not _socket_alive(conn):
-                self._conns.pop(endpoint.role, None)
-                with contextlib.suppress(Exception):
-                    await conn.close()
-                conn = None
-            if conn is None:
-                async with asyncio.timeout(self.connect_timeout + 1):
-                    conn = await AsyncConnection.connect(
-                        endpoint.url,
-                        connect_timeout=max(2, int(round(self.connect_timeout))),
-                        application_name="failover-warm",
-                        autocommit=True,
-                    )
-                self._conns[endpoint.role] = conn
-            try:
-                yield conn
-            except BaseException:
-                self._conns.pop(endpoint.role, None)
-                with contextlib.suppress(Exception):
-                    await conn.close()
-                raise
+        return self._connections.using(endpoint)
 
     async def close(self) -> None:
-        for conn in list(self._conns.values()):
-            with contextlib.suppress(Exception):
-                await conn.close()
-        self._conns.clear()
+        await self._connections.close()
 
     # --- setup --------------------------------------------------------------------------------
 

@@ -186,10 +186,14 @@ class WarmDriver:
 
     async def stop(self) -> None:
         self._unsubscribe()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        task = self._task
+        # Python 3.11 swallows a cancel() that lands as the loop's own wait times out
+        # (asyncio.timeout turns it into the TimeoutError the loop ignores): cancel until it ends.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
+        if task is not None and task.done() and not task.cancelled():
+            task.exception()  # retrieved: a crashed loop must not log "never retrieved" at exit
         self._task = None
         with contextlib.suppress(Exception):
             await self.sync.close()

@@ -11,7 +11,8 @@ One module per reason to change:
 * :mod:`.blocking` — ``BLPOP``/``XREAD BLOCK``... in slices that follow a switch;
 * :mod:`.surface`, :mod:`.lock`, :mod:`.pubsub` — the rest of ``redis.asyncio.Redis``:
   what is borrowed, what is refused, locks and subscriptions across a switch;
-* :mod:`.capture` — writes served by the fallback are marked for reconcile.
+* :mod:`.capture` — writes served by the fallback are marked for reconcile;
+* :mod:`.warm` — warm sync: the primary's keys copied into the fallback.
 
 Upstash (the usual primary) has no ``REPLICAOF``, ``DUMP`` or ``RESTORE``; nothing
 here uses them.
@@ -61,4 +62,17 @@ def create(
     capture = None
     if options.reconcile and len(endpoints) == 2:
         capture = RedisCapture(connect_timeout=settings.connect_timeout)
-    return RedisStore(FailoverStore(backend, endpoints, options, bus=bus, clock=clock, capture=capture), backend)
+    warm = None
+    if getattr(settings, "warm", False) and len(endpoints) == 2:
+        from .warm import RedisWarmSync
+
+        warm = RedisWarmSync(connect_timeout=settings.connect_timeout)
+    failover = FailoverStore(backend, endpoints, options, bus=bus, clock=clock, capture=capture, warm=warm)
+    if warm is not None:
+        from ...core.events import SwitchState
+
+        # A copy read before a failover must not land after the application's first write to the fallback.
+        warm.on_primary = lambda: failover.switch.state is SwitchState.ON_PRIMARY
+    store = RedisStore(failover, backend)
+    store.mirror = warm
+    return store

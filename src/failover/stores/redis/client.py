@@ -48,6 +48,8 @@ class RedisStore(RedisSurface, AsyncCoreCommands):  # type: ignore[misc]
         self.backend = backend
         # Change capture of writes served by the fallback (None: reconcile is off).
         self.capture: Any = store.reconciler.capture if store.reconciler is not None else None
+        # Warm sync's mirror: told of every command the primary served (None: warm sync is off).
+        self.mirror: Any = None
 
     def __repr__(self) -> str:
         return f"<RedisStore {self.failover.status()['current_db']!r}>"
@@ -78,12 +80,16 @@ class RedisStore(RedisSurface, AsyncCoreCommands):  # type: ignore[misc]
     ) -> tuple[Any, Role]:
         backend = self.backend
         capture = self.capture
+        mirror = self.mirror
 
         async def run(endpoint: Endpoint) -> tuple[Any, Role]:
             if capture is not None and endpoint.role is Role.FALLBACK:
                 # Writes on the fallback carry their capture mark (see .capture).
                 return await capture.execute(backend, endpoint, args, options), endpoint.role
-            return await backend.execute(endpoint, args, options), endpoint.role  # it unpacks **options: no copy
+            reply = await backend.execute(endpoint, args, options)  # it unpacks **options: no copy
+            if mirror is not None and endpoint.role is Role.PRIMARY:
+                mirror.note(args)  # warm sync copies the keys it wrote (never blocks)
+            return reply, endpoint.role
 
         label = command_name(args[0]) if args else "command"
         if idempotent is None:

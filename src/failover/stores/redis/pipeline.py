@@ -107,7 +107,11 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
             if capture is not None and endpoint.role is Role.FALLBACK:
                 # Outside MULTI on a watched connection: the mark goes just before the write.
                 await capture.mark_before(pipe, args)
-            return await pipe.immediate_execute_command(*args, **options)
+            reply = await pipe.immediate_execute_command(*args, **options)
+            mirror = self._store.mirror
+            if mirror is not None and endpoint.role is Role.PRIMARY:
+                mirror.note(args)
+            return reply
         except Exception as exc:
             mapped = store.lost_during(endpoint, exc, f"Redis {command_name(args[0])}")
             if mapped is exc:
@@ -126,7 +130,11 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
                     if capture is not None and endpoint.role is Role.FALLBACK:
                         return await capture.execute_bound(pipe, stack, raise_on_error)
                     pipe.command_stack = stack
-                    return await pipe.execute(raise_on_error=raise_on_error)
+                    replies = await pipe.execute(raise_on_error=raise_on_error)
+                    mirror = self._store.mirror
+                    if mirror is not None and endpoint.role is Role.PRIMARY:
+                        mirror.note_many(stack)
+                    return replies
                 except Exception as exc:
                     mapped = store.lost_during(endpoint, exc, "Redis pipeline")
                     if mapped is exc:
@@ -137,10 +145,15 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
             transaction = self.is_transaction or self.explicit_transaction
             capture = self._store.capture
 
+            mirror = self._store.mirror
+
             async def run(endpoint: Endpoint) -> list[Any]:
                 if capture is not None and endpoint.role is Role.FALLBACK:
                     return await capture.execute_pipeline(backend, endpoint, stack, transaction, raise_on_error)
-                return await backend.execute_pipeline(endpoint, stack, transaction, raise_on_error)
+                replies = await backend.execute_pipeline(endpoint, stack, transaction, raise_on_error)
+                if mirror is not None and endpoint.role is Role.PRIMARY:
+                    mirror.note_many(stack)  # warm sync copies the keys it wrote
+                return replies
 
             idempotent = all(is_idempotent(args) for args, _ in stack)
             label = "Redis MULTI/EXEC" if transaction else "Redis pipeline"

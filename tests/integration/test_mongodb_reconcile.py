@@ -346,7 +346,7 @@ async def test_two_instances_share_the_pair(mongo_pair: tuple[LocalServer, Local
 
 async def test_reconcile_off_keeps_todays_behaviour(mongo_pair: tuple[LocalServer, LocalServer], raw: Any) -> None:
     primary, fallback = mongo_pair
-    dbs = await _start(primary, fallback, FAILOVER_RECONCILE="false")
+    dbs = await _start(primary, fallback, FAILOVER_RECONCILE="false", FAILOVER_WARM="off")  # warm sync would overwrite it
     try:
         assert dbs.mongodb.journal is None
         assert dbs.status()["mongodb"]["reconcile"] == {"enabled": False}

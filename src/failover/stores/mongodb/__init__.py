@@ -9,7 +9,8 @@ One module per reason to change:
 * :mod:`.surface` — the rest of ``AsyncDatabase``/``AsyncCollection``: buffered cursors,
   DDL, sessions, what is refused;
 * :mod:`.client` — :class:`MongoStore` (``dbs.mongodb``);
-* :mod:`.capture` — the intent journal of writes served by the fallback, for reconcile.
+* :mod:`.capture` — the intent journal of writes served by the fallback, for reconcile;
+* :mod:`.warm` — warm sync: change streams from the primary into the fallback.
 
 ``dbs.mongodb.client`` gives the raw client of the endpoint active at that moment;
 it does not fail over.
@@ -58,5 +59,15 @@ def create(
 
         journal = MongoJournal(operation_timeout=options.operation_timeout)
         capture = MongoCapture(journal, connect_timeout=settings.connect_timeout)
-    store = FailoverStore(backend, endpoints, options, bus=bus, clock=clock, capture=capture)
+    warm = None
+    if getattr(settings, "warm", False) and len(endpoints) == 2:
+        from .warm import MongoWarmSync
+
+        warm = MongoWarmSync(connect_timeout=settings.connect_timeout)
+    store = FailoverStore(backend, endpoints, options, bus=bus, clock=clock, capture=capture, warm=warm)
+    if warm is not None:
+        from ...core.events import SwitchState
+
+        # Nothing may land on the fallback once the application writes there.
+        warm.on_primary = lambda: store.switch.state is SwitchState.ON_PRIMARY
     return MongoStore(store, backend, journal)

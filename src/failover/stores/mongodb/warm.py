@@ -1,0 +1,489 @@
+"""MongoDB warm sync: change streams on the primary, final-state copies into the fallback.
+
+Atlas (the usual primary) is a replica set: change streams work there. Per
+collection of the configured database:
+
+* **Initial copy** — a change stream is opened *first* (its resume token marks
+  the start), then the collection is compared with the fallback's in ``_id``
+  order, batch by batch, and the documents that differ are written
+  (``ReplaceOne(upsert=True)``), those the primary lacks deleted. Then the
+  stream is read from that token: a change made during the copy arrives once
+  more, harmlessly (see the next point). Progress: documents done of the
+  primary's estimated count.
+* **Streaming** — events only say *which* documents changed: each batch reads
+  those documents' current state on the primary (one ``$in`` query per
+  collection) and writes it (or deletes it) on the fallback with one unordered
+  ``bulk_write``. A final state, never an event's image: replaying an old event
+  cannot bring an old version back, so resuming from an older token is always
+  safe. After each applied batch the stream's resume token is stored on the
+  fallback (``failover_warm``, one document per collection): a new process
+  resumes from it without a new copy.
+* **Comparison** where change streams are not available (a standalone primary,
+  a server without them: ``watch()`` fails): the same ``_id``-ordered
+  comparison as the initial copy, every :data:`DEFAULT_COMPARE_INTERVAL`
+  seconds; its pace is the lag.
+
+Never against reconcile:
+
+* Copies are written with the sync's own client, never through the routed
+  collections, so the intent journal of :mod:`.capture` records none of them.
+* A document that has an intent in the fallback's journal (written on the
+  fallback, not yet reconciled) is never written by the sync; and every write
+  checks first that the store is still on its primary.
+* :meth:`MongoWarmSync.pause` (at failover) ends the loop and closes the
+  streams; :meth:`MongoWarmSync.resume` (after failback) reopens them from the
+  stored tokens: the events since (including the writes reconcile copied into
+  the primary) are applied as final states, so nothing reconciled is undone and
+  nothing is copied again.
+
+Lag: a heartbeat document in ``failover_warm_heartbeat`` on the primary (one per
+process) travels through its own change stream, polled first and applied last
+in each round, so a heartbeat seen on the fallback means every change made
+before it was applied too.
+
+On ``nx-27017`` (the test servers), measured: collection ``watch()`` works
+(insert/update/replace/delete events, resume tokens that survive a restart),
+database- and client-level ``watch()`` open but deliver nothing, and an
+integer ``_id`` comes back as text in ``documentKey`` (the ``fullDocument``'s
+``_id`` is right, and it is sent for deletes too). Hence per-collection
+streams, with the ``_id`` taken from ``fullDocument`` when present.
+
+Not covered: other databases; DDL (indexes, drops: a dropped collection's
+documents stay on the fallback); a collection created on the primary joins
+within :data:`DISCOVER_INTERVAL`, with an initial copy of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import Any
+
+from pymongo import AsyncMongoClient, DeleteOne, ReplaceOne
+from pymongo.errors import OperationFailure, PyMongoError
+
+from ...core.endpoint import Endpoint
+from ...core.warm import SyncProgress, WarmSync
+from .capture import JOURNAL, LIBRARY_COLLECTIONS, journal_key
+from .urls import DEFAULT_DATABASE, client_options
+
+__all__ = ["MongoWarmSync"]
+
+logger = logging.getLogger("failover.mongodb.warm")
+
+TOKENS = "failover_warm"
+"""On the fallback: the resume token of each collection's stream."""
+HEARTBEAT = "failover_warm_heartbeat"
+"""On the primary (and, synced, on the fallback): one heartbeat document per process."""
+DEFAULT_BATCH = 500
+"""Documents per comparison batch and events per applied batch."""
+DEFAULT_COMPARE_INTERVAL = 10.0
+"""Seconds between two comparisons of a collection whose changes cannot be streamed."""
+DEFAULT_POLL_INTERVAL = 0.02
+"""Seconds the loop rests after a round that found no event."""
+POLL_AWAIT_MS = 20
+"""How long one stream's ``getMore`` may wait for an event (a round polls every stream)."""
+RETRY_PAUSE = 0.5
+DISCOVER_INTERVAL = 1.0
+"""Seconds between two looks for collections created on the primary (each joins with a copy)."""
+
+
+class _Stopped(Exception):
+    """The store left its primary: nothing more may be written into the fallback."""
+
+
+class _Collection:
+    """One synced collection: its stream (None: compared instead) and what it has done."""
+
+    __slots__ = ("name", "stream", "token", "compare", "next_compare", "copied")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stream: Any = None
+        self.token: Any = None
+        self.compare = False
+        self.next_compare = 0.0
+        self.copied = False
+
+
+class MongoWarmSync(WarmSync):
+    """Change streams (or periodic comparison) from the primary into the fallback.
+
+    Args:
+        connect_timeout: seconds to reach a server.
+        on_primary: tells whether the store still runs on its primary (checked before every
+            write into the fallback); default: always.
+        batch, compare_interval: see the ``DEFAULT_*`` constants.
+    """
+
+    store = "mongodb"
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 2.0,
+        on_primary: Any = None,
+        batch: int = DEFAULT_BATCH,
+        compare_interval: float = DEFAULT_COMPARE_INTERVAL,
+    ) -> None:
+        if connect_timeout <= 0:
+            raise ValueError("connect_timeout must be greater than 0")
+        if batch < 1 or compare_interval <= 0:
+            raise ValueError("batch must be at least 1 and compare_interval greater than 0")
+        self.connect_timeout = connect_timeout
+        self.on_primary = on_primary or (lambda: True)
+        self.batch = batch
+        self.compare_interval = compare_interval
+        self.heartbeat_id = f"{secrets.token_hex(6)}"
+        self._beats = 0
+        self._clients: dict[str, AsyncMongoClient[Any]] = {}
+        self._endpoints: tuple[Endpoint, Endpoint] | None = None
+        self._collections: dict[str, _Collection] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._next_discover = 0.0
+        self._active = False
+        self._copying = False
+        self._copy_done = 0
+        self._copy_total: int | None = None
+        self._error: str | None = None
+        self._failing_since: float | None = None
+        # What the status reports.
+        self.applied_documents = 0
+        self.compared_copies = 0
+        self.skipped_journaled = 0
+        self.apply_errors = 0
+        self.events = 0
+
+    # --- connections ------------------------------------------------------------------------
+
+    def _client(self, endpoint: Endpoint) -> AsyncMongoClient[Any]:
+        client = self._clients.get(endpoint.url)
+        if client is None:
+            options = client_options(endpoint.url, connect_timeout=self.connect_timeout, pool_min_size=0, pool_max_size=4)
+            options["appname"] = "failover-warm"
+            client = AsyncMongoClient(endpoint.url, **options)
+            self._clients[endpoint.url] = client
+        return client
+
+    def _db(self, endpoint: Endpoint) -> Any:
+        return self._client(endpoint).get_database(endpoint.option("database") or DEFAULT_DATABASE)
+
+    async def close(self) -> None:
+        await self._stop()
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    # --- WarmSync ---------------------------------------------------------------------------
+
+    async def setup(self, primary: Endpoint, fallback: Endpoint) -> None:
+        await self._db(primary).command("ping")
+        await self._db(fallback).command("ping")
+        self._endpoints = (primary, fallback)
+        await self._discover()
+        self._copying = any(not c.copied for c in self._collections.values())
+        self._start()
+
+    async def refresh(self, primary: Endpoint, fallback: Endpoint) -> None:
+        if self._task is not None and not self._task.done():
+            await self._discover()
+
+    async def resume(self, primary: Endpoint, fallback: Endpoint) -> None:
+        self._endpoints = (primary, fallback)
+        await self._discover()
+        self._start()
+
+    async def pause(self, fallback: Endpoint) -> None:
+        self._active = False
+        await self._stop()
+        for coll in self._collections.values():
+            if coll.stream is not None:
+                with contextlib.suppress(Exception):
+                    await coll.stream.close()
+                coll.stream = None
+
+    async def heartbeat(self, primary: Endpoint) -> int:
+        self._beats += 1
+        await self._db(primary)[HEARTBEAT].update_one(
+            {"_id": self.heartbeat_id}, {"$set": {"n": self._beats}}, upsert=True
+        )
+        return self._beats
+
+    async def applied(self, fallback: Endpoint) -> int | None:
+        doc = await self._db(fallback)[HEARTBEAT].find_one({"_id": self.heartbeat_id})
+        return None if doc is None else int(doc["n"])
+
+    async def progress(self, fallback: Endpoint) -> SyncProgress:
+        broken = self._failing_since is not None and time.monotonic() - self._failing_since > 10.0
+        return SyncProgress(
+            state="broken" if broken else "copying" if self._copying else "streaming",
+            tables=len(self._collections),
+            tables_copied=sum(1 for c in self._collections.values() if c.copied),
+            rows_done=self._copy_done if self._copying else None,
+            rows_total=self._copy_total if self._copying else None,
+            apply_errors=self.apply_errors,
+            error=self._error,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        streamed = sorted(c.name for c in self._collections.values() if not c.compare)
+        compared = sorted(c.name for c in self._collections.values() if c.compare)
+        return {
+            "mechanism": "change streams" if not compared else "change streams + periodic comparison",
+            "streamed_collections": streamed,
+            "compared_collections": compared,
+            "compare_interval_s": self.compare_interval,
+            "events": self.events,
+            "applied_documents": self.applied_documents,
+            "compared_copies": self.compared_copies,
+            "skipped_journaled": self.skipped_journaled,
+        }
+
+    # --- collections ------------------------------------------------------------------------
+
+    async def _discover(self) -> None:
+        """Collections of the primary's database to sync; a new one starts with its initial copy."""
+        assert self._endpoints is not None
+        primary, fallback = self._endpoints
+        names = await self._db(primary).list_collection_names()
+        wanted = [n for n in names if not n.startswith("system.") and n not in LIBRARY_COLLECTIONS and n != TOKENS]
+        if HEARTBEAT not in wanted:
+            wanted.append(HEARTBEAT)
+        stored = {d["_id"]: d.get("token") async for d in self._db(fallback)[TOKENS].find({"_id": {"$in": wanted}})}
+        for name in wanted:
+            if name not in self._collections:
+                coll = _Collection(name)
+                coll.token = stored.get(name)
+                coll.copied = coll.token is not None  # a stored token: this fallback was copied before
+                self._collections[name] = coll
+                if not coll.copied:
+                    self._copying = True
+
+    def _start(self) -> None:
+        self._active = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="failover mongodb warm sync")
+
+    async def _stop(self) -> None:
+        task, self._task = self._task, None
+        # Python 3.11 may swallow a cancel() landing as an inner timeout expires: cancel until it ends.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                busy = await self._round()
+                self._failing_since = None
+                self._error = None
+            except _Stopped:
+                busy = False
+            except (PyMongoError, OSError, TimeoutError) as exc:
+                self.apply_errors += 1
+                self._error = f"{type(exc).__name__}: {exc}"
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                logger.warning("mongodb: warm sync: %s", type(exc).__name__)
+                for coll in self._collections.values():  # reopened from their tokens
+                    if coll.stream is not None:
+                        with contextlib.suppress(Exception):
+                            await coll.stream.close()
+                        coll.stream = None
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
+            if not busy:
+                await asyncio.sleep(DEFAULT_POLL_INTERVAL)
+
+    async def _round(self) -> bool:
+        """Copy what is new, read every stream once, apply; True when anything was found."""
+        assert self._endpoints is not None
+        primary, fallback = self._endpoints
+        if time.monotonic() >= self._next_discover:
+            self._next_discover = time.monotonic() + DISCOVER_INTERVAL
+            await self._discover()
+        if self._copying:
+            await self._initial_copy(primary, fallback)
+        busy = False
+        heartbeat = self._collections[HEARTBEAT]
+        # The heartbeat's stream first and applied last: a heartbeat applied means every change
+        # made before it was read in this round (or an earlier one) and applied.
+        order = [heartbeat, *(c for c in self._collections.values() if c is not heartbeat)]
+        changed: dict[str, tuple[_Collection, dict[Any, None], Any]] = {}
+        now = time.monotonic()
+        for coll in order:
+            if coll.compare:
+                if now >= coll.next_compare:
+                    coll.next_compare = now + self.compare_interval
+                    await self._compare(primary, fallback, coll.name)
+                continue
+            if coll.stream is None:
+                await self._open(primary, coll)
+                if coll.compare:
+                    continue
+            ids: dict[Any, None] = {}
+            token = None
+            while len(ids) < self.batch:
+                event = await coll.stream.try_next()
+                if event is None:
+                    break
+                self.events += 1
+                token = coll.stream.resume_token
+                doc_id = _event_id(event)
+                if doc_id is not _NO_ID:
+                    ids[doc_id] = None
+            if token is not None:
+                changed[coll.name] = (coll, ids, token)
+        for name, (coll, ids, token) in [*((n, v) for n, v in changed.items() if n != HEARTBEAT), *((n, v) for n, v in changed.items() if n == HEARTBEAT)]:
+            if ids:
+                await self._apply(primary, fallback, name, list(ids))
+                busy = True
+            coll.token = token
+            await self._save_token(fallback, name, token)
+        return busy
+
+    async def _open(self, primary: Endpoint, coll: _Collection) -> None:
+        try:
+            coll.stream = await self._db(primary)[coll.name].watch(
+                resume_after=coll.token, max_await_time_ms=POLL_AWAIT_MS
+            )
+        except OperationFailure as exc:
+            if coll.token is not None and _history_lost(exc):
+                # The token is older than the primary's change history: compare once, stream on.
+                logger.warning("mongodb: the change history of %s no longer reaches its stored token: comparing it", coll.name)
+                coll.token = None
+                coll.copied = False
+                self._copying = True
+                return
+            logger.info("mongodb: %s cannot be watched (%s): compared every %ss", coll.name, exc.code, self.compare_interval)
+            coll.compare = True
+            coll.next_compare = 0.0
+            return
+        if coll.token is None:
+            coll.token = coll.stream.resume_token
+
+    async def _initial_copy(self, primary: Endpoint, fallback: Endpoint) -> None:
+        todo = [c for c in self._collections.values() if not c.copied]
+        self._copy_done = 0
+        total = 0
+        for coll in todo:
+            with contextlib.suppress(PyMongoError):
+                total += await self._db(primary)[coll.name].estimated_document_count()
+        self._copy_total = total
+        started = time.monotonic()
+        for coll in todo:
+            if coll.stream is None and not coll.compare:
+                await self._open(primary, coll)  # first: changes made during the copy are streamed after it
+            await self._compare(primary, fallback, coll.name, counting=True)
+            coll.copied = True
+            if coll.token is not None:
+                await self._save_token(fallback, coll.name, coll.token)
+        self._copying = False
+        logger.info(
+            "mongodb: initial copy into %s done: %d collections, %d documents in %.1fs",
+            fallback.name, len(todo), self._copy_done, time.monotonic() - started,
+        )  # fmt: skip
+
+    # --- copies -----------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if not (self._active and self.on_primary()):
+            raise _Stopped
+
+    async def _journaled(self, fallback: Endpoint, name: str, ids: list[Any]) -> set[Any]:
+        """Of *ids*, those with an intent in the fallback's journal (they belong to reconcile)."""
+        assert self._endpoints is not None
+        databases = {None, fallback.option("database") or DEFAULT_DATABASE, self._endpoints[0].option("database")}
+        keys = {journal_key(db, name, i): i for i in ids for db in databases}
+        found = self._db(fallback)[JOURNAL].find({"_id": {"$in": list(keys)}}, {"_id": 1})
+        return {keys[d["_id"]] async for d in found}
+
+    async def _write(self, fallback: Endpoint, name: str, writes: list[Any], ids: list[Any]) -> None:
+        if not writes:
+            return
+        journaled = await self._journaled(fallback, name, ids)
+        if journaled:
+            self.skipped_journaled += len(journaled)
+            writes = [w for w in writes if _write_id(w) not in journaled]
+        self._check()
+        if writes:
+            await self._db(fallback)[name].bulk_write(writes, ordered=False)
+
+    async def _apply(self, primary: Endpoint, fallback: Endpoint, name: str, ids: list[Any]) -> None:
+        """Write the current state of *ids* (read on the primary now) into the fallback."""
+        current = {d["_id"]: d async for d in self._db(primary)[name].find({"_id": {"$in": ids}})}
+        writes: list[Any] = [
+            ReplaceOne({"_id": i}, current[i], upsert=True) if i in current else DeleteOne({"_id": i}) for i in ids
+        ]
+        await self._write(fallback, name, writes, ids)
+        self.applied_documents += len(writes)
+
+    async def _compare(self, primary: Endpoint, fallback: Endpoint, name: str, *, counting: bool = False) -> None:
+        """Make the fallback's *name* equal to the primary's, one cursor batch at a time.
+
+        Plain cursors, no ``_id`` paging: some MongoDB-wire servers sort ``_id`` in an
+        order of their own (nx-27017 sorts integers as text).
+        """
+        source, target = self._db(primary)[name], self._db(fallback)[name]
+        async for docs in _chunks(source.find({}, batch_size=self.batch), self.batch):
+            ids = [d["_id"] for d in docs]
+            ours = {d["_id"]: d async for d in target.find({"_id": {"$in": ids}})}
+            writes = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs if ours.get(d["_id"]) != d]
+            await self._write(fallback, name, writes, [_write_id(w) for w in writes])
+            self.compared_copies += len(writes)
+            if counting:
+                self._copy_done += len(docs)
+                if self._copy_total is not None and self._copy_done > self._copy_total:
+                    self._copy_total = self._copy_done
+        # Documents only the fallback has: deleted on the primary.
+        async for found in _chunks(target.find({}, {"_id": 1}, batch_size=self.batch), self.batch):
+            ids = [d["_id"] for d in found]
+            theirs = {d["_id"] async for d in source.find({"_id": {"$in": ids}}, {"_id": 1})}
+            gone = [i for i in ids if i not in theirs]
+            await self._write(fallback, name, [DeleteOne({"_id": i}) for i in gone], gone)
+
+    async def _save_token(self, fallback: Endpoint, name: str, token: Any) -> None:
+        self._check()
+        await self._db(fallback)[TOKENS].update_one(
+            {"_id": name}, {"$set": {"token": token, "saved_at": time.time()}}, upsert=True
+        )
+
+
+_NO_ID = object()
+
+
+async def _chunks(cursor: Any, size: int) -> Any:
+    chunk: list[Any] = []
+    async for doc in cursor:
+        chunk.append(doc)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _event_id(event: dict[str, Any]) -> Any:
+    """The changed document's ``_id`` (from ``fullDocument`` first: see the module docstring)."""
+    full = event.get("fullDocument")
+    if isinstance(full, dict) and "_id" in full:
+        return full["_id"]
+    key = event.get("documentKey")
+    if isinstance(key, dict) and "_id" in key:
+        return key["_id"]
+    return _NO_ID
+
+
+def _write_id(write: Any) -> Any:
+    return write._filter["_id"]
+
+
+def _history_lost(exc: OperationFailure) -> bool:
+    # ChangeStreamHistoryLost (286), or the older "resume token not found" (280).
+    return exc.code in (280, 286)

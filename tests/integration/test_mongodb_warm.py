@@ -1,0 +1,272 @@
+"""MongoDB warm sync on real MongoDB-wire servers (nx-27017): the fallback follows the primary.
+
+Every check reads the servers with the raw driver; the status document is what is being
+tested, never the way to verify it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from failover import Databases, OutcomeUnknown, SwitchState
+from failover.core.events import Event, FailoverStarted
+from failover.local import LocalServer
+from failover.stores.mongodb.capture import JOURNAL
+
+from ..helpers import fast_settings, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Any]:
+    """``raw(server)``: the ``app`` database through a plain PyMongo client on one server."""
+    clients: list[AsyncMongoClient[Any]] = []
+
+    def make(server: LocalServer) -> Any:
+        client: AsyncMongoClient[Any] = AsyncMongoClient(server.url, directConnection=True, serverSelectionTimeoutMS=3000)
+        clients.append(client)
+        return client["app"]
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+def state(dbs: Databases) -> SwitchState:
+    return dbs.store("mongodb").switch.state
+
+
+def warm(dbs: Databases) -> dict[str, Any]:
+    return dbs.status()["mongodb"]["warm"]
+
+
+async def start(primary: LocalServer, fallback: LocalServer, **overrides: Any) -> Databases:
+    dbs = Databases(fast_settings(MONGODB_ATLAS_URL=primary.url, MONGODB_URL=fallback.url, **overrides))
+    await dbs.start()
+    return dbs
+
+
+async def streaming(dbs: Databases, timeout: float = 30) -> None:
+    await wait_for(lambda: warm(dbs)["state"] == "streaming" and warm(dbs)["lag_s"] is not None, timeout, "warm sync streaming")
+
+
+async def outage(dbs: Databases, primary: LocalServer) -> float:
+    killed = time.monotonic()
+    await asyncio.to_thread(primary.kill)
+    await wait_for(lambda: state(dbs) is SwitchState.ON_FALLBACK, 10, "failover")
+    return killed
+
+
+async def failback(dbs: Databases, primary: LocalServer) -> None:
+    await asyncio.to_thread(primary.start)
+    await wait_for(lambda: state(dbs) is SwitchState.ON_PRIMARY, 40, "failback after reconcile")
+
+
+class Writer:
+    """Inserts, updates and deletes through failover; ``final``: each acknowledged document's
+    final ``note`` (None: deleted), ``acked``: when; unknown outcomes are left out."""
+
+    def __init__(self, dbs: Databases) -> None:
+        self.dbs = dbs
+        self.final: dict[int, str | None] = {}
+        self.acked: dict[int, float] = {}
+        self.unknown: set[int] = set()
+        self.errors: list[BaseException] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        items = self.dbs.mongodb.database["items"]
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            key = i
+            try:
+                live = [k for k, v in self.final.items() if v is not None]
+                if i % 4 == 3 and live:
+                    key = live[(i * 7919) % len(live)]
+                    await items.update_one({"_id": key}, {"$set": {"note": f"u{i}"}})
+                    self.final[key] = f"u{i}"
+                elif i % 10 == 9 and live:
+                    key = live[(i * 104729) % len(live)]
+                    await items.delete_one({"_id": key})
+                    self.final[key] = None
+                else:
+                    await items.insert_one({"_id": key, "note": f"i{i}"})
+                    self.final[key] = f"i{i}"
+                self.acked[key] = time.monotonic()
+            except OutcomeUnknown:
+                self.unknown.add(key)
+                self.final.pop(key, None)
+            except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
+                self.errors.append(exc)
+            await asyncio.sleep(0.003)
+
+    def start(self) -> Writer:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await asyncio.wait_for(self._task, 30)
+
+    def expected_before(self, moment: float) -> dict[int, str | None]:
+        return {k: v for k, v in self.final.items() if self.acked[k] < moment and k not in self.unknown}
+
+
+async def notes(collection: Any) -> dict[int, str]:
+    return {d["_id"]: d.get("note") async for d in collection.find({})}
+
+
+def missing(expected: dict[int, str | None], actual: dict[int, str]) -> list[tuple[int, str | None, str | None]]:
+    return [(k, v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v]
+
+
+async def test_a_write_on_the_primary_is_on_the_fallback_when_the_primary_dies_within_the_reported_lag(
+    mongo_pair: tuple[LocalServer, LocalServer], raw: Any
+) -> None:
+    primary, fallback = mongo_pair
+    dbs = await start(primary, fallback)
+    events: list[Event] = []
+    dbs.events.subscribe(events.append)
+    try:
+        await streaming(dbs)
+        writer = Writer(dbs).start()
+        await asyncio.sleep(1.5)
+        lag_before = warm(dbs)["lag_s"]
+        assert lag_before is not None and lag_before < 1.0, warm(dbs)
+        assert "items" in warm(dbs)["streamed_collections"], warm(dbs)
+        # Synced documents are not journaled as writes made on the fallback.
+        assert await raw(fallback)[JOURNAL].count_documents({}) == 0
+        killed = await outage(dbs, primary)
+        await writer.stop()
+        status = warm(dbs)
+        rpo = status["rpo_at_last_failover_s"]
+        assert rpo is not None and rpo < 1.0, status
+        failovers = [e for e in events if isinstance(e, FailoverStarted)]
+        assert failovers and failovers[-1].rpo_s is not None and failovers[-1].rpo_s < 1.0, failovers
+        await wait_for(lambda: warm(dbs)["state"] == "off", 5, "warm sync stopped")
+        horizon = killed - rpo - status["heartbeat_interval_s"] - 0.05
+        expected = writer.expected_before(horizon)
+        assert len(expected) > 50, "the writer made too few writes before the kill"
+        served = {d["_id"]: d.get("note") async for d in dbs.mongodb.database["items"].find({})}
+        assert missing(expected, served) == []
+        print(f"lag before {lag_before}s, rpo {rpo}s; {len(expected)} documents checked")
+    finally:
+        await dbs.close()
+
+
+async def test_initial_copy_of_a_non_empty_primary_reports_progress_while_the_application_works(
+    mongo_pair: tuple[LocalServer, LocalServer], raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    primary, fallback = mongo_pair
+    p, f = raw(primary), raw(fallback)
+    for start_at in range(0, 20_000, 2000):
+        await p["items"].insert_many([{"_id": i, "note": f"row {i}", "n": i} for i in range(start_at, start_at + 2000)])
+    await p["other"].insert_many([{"_id": f"k{i}", "v": i} for i in range(500)])
+    # The fallback holds an old version of some documents and one the primary no longer has.
+    await f["items"].insert_many([{"_id": i, "note": "stale"} for i in range(50)])
+    await f["items"].insert_one({"_id": -1, "note": "deleted on the primary long ago"})
+    caplog.set_level("INFO", logger="failover")
+    dbs = await start(primary, fallback)
+    try:
+        seen: list[dict[str, Any]] = []
+
+        def copying() -> bool:
+            doc = warm(dbs)
+            if doc["state"] == "copying" and doc["copy"] and doc["copy"]["rows_done"]:
+                seen.append(doc["copy"])
+            return doc["state"] == "streaming"
+
+        writes = 0
+        deadline = time.monotonic() + 100
+        while not copying():
+            assert time.monotonic() < deadline, f"initial copy did not finish: {warm(dbs)}"
+            await dbs.mongodb.database["other"].insert_one({"_id": f"app{writes}", "v": writes})
+            writes += 1
+            await asyncio.sleep(0.02)
+        assert seen, "no copy progress was ever reported"
+        last = seen[-1]
+        assert last["rows_total"] and last["rows_total"] >= 20_000, last
+        assert 0 < last["rows_done"] <= last["rows_total"], last
+        assert writes > 0
+        assert any("initial copy into" in r.getMessage() for r in caplog.records)
+        await wait_for(lambda: (warm(dbs)["lag_s"] or 9) < 1, 10, "caught up")
+        for name in ("items", "other"):
+            theirs = [d async for d in p[name].find({}).sort("_id", 1)]
+            deadline = time.monotonic() + 10
+            while [d async for d in f[name].find({}).sort("_id", 1)] != theirs:
+                ours = {d["_id"]: d async for d in f[name].find({})}
+                mine = {d["_id"]: d for d in theirs}
+                diff = [(k, mine.get(k), ours.get(k)) for k in mine.keys() | ours.keys() if mine.get(k) != ours.get(k)]
+                assert time.monotonic() < deadline, f"{name} differs on the fallback: {len(diff)} documents, {diff[:5]}"
+                await asyncio.sleep(0.1)
+        assert await f[JOURNAL].count_documents({}) == 0, "copied documents were journaled as fallback writes"
+    finally:
+        await dbs.close()
+
+
+async def test_outage_reconcile_failback_and_a_second_outage_keep_every_acknowledged_write(
+    mongo_pair: tuple[LocalServer, LocalServer], raw: Any
+) -> None:
+    primary, fallback = mongo_pair
+    await raw(primary)["items"].insert_many([{"_id": -i, "note": f"seed {i}"} for i in range(1, 1001)])
+    dbs = await start(primary, fallback)
+    f = raw(fallback)
+    try:
+        await streaming(dbs)
+        writer = Writer(dbs).start()
+        await asyncio.sleep(1.0)
+
+        await outage(dbs, primary)
+        await wait_for(lambda: warm(dbs)["state"] == "off", 5, "warm sync stopped")
+        await asyncio.sleep(1.0)
+        assert await f[JOURNAL].count_documents({}) > 0, "no write landed on the fallback during the outage"
+
+        await failback(dbs, primary)
+        await wait_for(lambda: warm(dbs)["state"] == "streaming" and (warm(dbs)["lag_s"] or 9) < 1, 15, "caught up")
+        assert warm(dbs)["copy"] is None, "failback started a new initial copy"
+
+        lag = warm(dbs)["lag_s"]
+        killed = await outage(dbs, primary)
+        rpo = warm(dbs)["rpo_at_last_failover_s"]
+        assert rpo is not None and rpo < 1.0, warm(dbs)
+        horizon = killed - max(rpo, lag) - warm(dbs)["heartbeat_interval_s"] - 0.05
+        expected = writer.expected_before(horizon)
+        assert missing(expected, await notes(f["items"])) == [], "the fallback lacks writes made before the second outage"
+        await asyncio.sleep(0.8)
+        await failback(dbs, primary)
+        await writer.stop()
+        assert not writer.errors, writer.errors[:3]
+
+        p = raw(primary)
+        everything = writer.expected_before(time.monotonic() + 1)
+        assert missing(everything, await notes(p["items"])) == []
+        await wait_for(lambda: (warm(dbs)["lag_s"] or 9) < 1, 15, "caught up after the second failback")
+        deadline = time.monotonic() + 10
+        while await notes(f["items"]) != await notes(p["items"]):
+            assert time.monotonic() < deadline, "fallback not equal to the primary"
+            await asyncio.sleep(0.1)
+    finally:
+        await dbs.close()
+
+
+async def test_warm_off_leaves_the_fallback_cold(mongo_pair: tuple[LocalServer, LocalServer], raw: Any) -> None:
+    primary, fallback = mongo_pair
+    dbs = await start(primary, fallback, FAILOVER_WARM="off")
+    try:
+        await dbs.mongodb.database["items"].insert_one({"_id": 1, "note": "primary only"})
+        await asyncio.sleep(1.0)
+        assert warm(dbs) == {"enabled": False, "state": "off", "lag_s": None}
+        assert await raw(fallback)["items"].count_documents({}) == 0
+        assert "failover_warm" not in await raw(fallback).list_collection_names()
+    finally:
+        await dbs.close()

@@ -30,7 +30,7 @@ import pytest
 from failover.core.events import Event, StateChanged
 from failover.local import LocalServer
 from failover.service import create_app
-from failover.stores.postgres_capture import _LOCK_KEY
+from failover.stores.postgres.capture import _LOCK_KEY
 from tests.integration.test_cli import clean_env, run_cli
 from tests.integration.test_service import _sample, databases_of, http_server, serving, stack_settings, wait_status
 

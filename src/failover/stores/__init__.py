@@ -1,5 +1,5 @@
 """One store each: connect, probe, classify errors, route operations, capture for reconcile.
 
-``redis`` and ``mongodb`` are packages with a module per concept (see their docstrings);
+``postgres``, ``redis`` and ``mongodb`` are packages with a module per concept (see their docstrings);
 each store exposes ``create()``, which :class:`~failover.Databases` calls.
 """

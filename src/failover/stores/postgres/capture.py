@@ -50,8 +50,8 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 
-from ..core.endpoint import Endpoint
-from ..core.reconcile import (
+from ...core.endpoint import Endpoint
+from ...core.reconcile import (
     BatchResult,
     Capture,
     Conflict,
@@ -61,7 +61,7 @@ from ..core.reconcile import (
     resolve,
     summarize,
 )
-from .postgres_connections import EndpointConnections
+from .connections import EndpointConnections
 
 __all__ = ["PostgresCapture", "SEQUENCE_GAPS"]
 

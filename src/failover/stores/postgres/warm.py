@@ -63,9 +63,9 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection, sql
 
-from ..core.endpoint import Endpoint
-from ..core.warm import SyncProgress, WarmSync, WarmUnavailable
-from .postgres_connections import EndpointConnections
+from ...core.endpoint import Endpoint
+from ...core.warm import SyncProgress, WarmSync, WarmUnavailable
+from .connections import EndpointConnections
 
 __all__ = ["PostgresWarmSync", "PUBLICATION", "SUBSCRIPTION"]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from ..core.endpoint import Endpoint, Role
-from .postgres import _socket_alive
+from ...core.endpoint import Endpoint, Role
+from .connection import _socket_alive
 
 __all__ = ["EndpointConnections"]
 

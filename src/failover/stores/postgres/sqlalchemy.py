@@ -1,0 +1,286 @@
+"""SQLAlchemy 2 (asyncio) on the failover PostgreSQL store: the engine, its errors, session transactions.
+
+Imported only by :meth:`PostgresStore.sqlalchemy_engine
+<failover.stores.postgres.PostgresStore.sqlalchemy_engine>` and
+:meth:`~failover.stores.postgres.PostgresStore.run_session_transaction`, so
+``import failover`` works without SQLAlchemy (``pip install failover[sqlalchemy]``).
+
+Why it is built this way:
+
+* **SQLAlchemy keeps its own pool**, as every SQLAlchemy application expects
+  (``pool_size``, ``max_overflow``, ``pool_recycle`` mean what they always
+  mean). Its ``async_creator`` asks the failover router for a new
+  :class:`~failover.stores.postgres.FailoverConnection` on the active endpoint,
+  so a refused primary sends the new connection to the fallback and feeds the
+  breaker, exactly like a raw ``connection()``.
+* **No stale connections.** Each connection knows its endpoint. At checkout, a
+  connection to an endpoint that is no longer active, or whose socket already
+  saw the server hang up (a zero-round-trip check, no ``pool_pre_ping``), is
+  thrown away with ``DisconnectionError`` and SQLAlchemy reconnects through the
+  creator. On every switch the pool is also disposed, so idle connections to the
+  endpoint left behind are closed at once.
+* **Errors keep their meaning.** A disconnect seen by SQLAlchemy feeds the
+  breaker and becomes :class:`SQLAlchemyTransactionRolledBack` (COMMIT not
+  sent: rolled back) or :class:`SQLAlchemyOutcomeUnknown` (lost while
+  committing). Each is *both* SQLAlchemy's ``OperationalError`` (a
+  ``DBAPIError`` with ``.orig``, ``connection_invalidated=True``) and failover's
+  :class:`~failover.errors.TransactionRolledBack` /
+  :class:`~failover.errors.OutcomeUnknown`, so ``except DBAPIError`` code keeps
+  working and ``except failover.TransactionRolledBack`` works too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import psycopg
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ...core.endpoint import Role
+from ...core.events import Event, StateChanged, SwitchState
+from ...core.store import ErrorKind
+from ...errors import OperationTimeout, OutcomeUnknown, TransactionRolledBack
+from .client import _REPLAY_SQLSTATES, PostgresStore, _Runs
+from .connection import FailoverConnection, _socket_alive, may_have_committed
+
+__all__ = [
+    "SQLAlchemyOutcomeUnknown",
+    "SQLAlchemyTransactionRolledBack",
+    "create_engine",
+    "run_session_transaction",
+]
+
+logger = logging.getLogger("failover.postgres.sqlalchemy")
+
+T = TypeVar("T")
+
+
+class _FailoverDBAPIError(sa_exc.OperationalError):
+    """SQLAlchemy's ``OperationalError`` for a lost connection, with failover's verdict on the outcome."""
+
+    store: str
+    endpoint: str | None
+
+    def __init__(
+        self,
+        message: str,
+        statement: str | None,
+        params: Any,
+        orig: BaseException | None,
+        hide_parameters: bool = False,
+        code: str | None = None,
+        ismulti: bool | None = None,
+        *,
+        store: str = "postgres",
+        endpoint: str | None = None,
+    ) -> None:
+        # StatementError.__init__ would hand the message on to OperationError.__init__ (next
+        # in the MRO), which needs keywords: set what StatementError sets, by hand.
+        Exception.__init__(self, message)
+        if code is not None:
+            self.code = code
+        self.statement = statement
+        self.params = params
+        self.orig = orig
+        self.ismulti = ismulti
+        self.hide_parameters = hide_parameters
+        self.detail = []
+        self.connection_invalidated = True
+        self.store = store
+        self.endpoint = endpoint
+
+
+class SQLAlchemyTransactionRolledBack(_FailoverDBAPIError, TransactionRolledBack):
+    """The connection was lost before ``COMMIT`` was sent: the transaction was rolled back.
+
+    Both ``sqlalchemy.exc.OperationalError`` and :class:`failover.TransactionRolledBack`.
+    """
+
+
+class SQLAlchemyOutcomeUnknown(_FailoverDBAPIError, OutcomeUnknown):
+    """The connection was lost while committing: it may or may not have been committed.
+
+    Both ``sqlalchemy.exc.OperationalError`` and :class:`failover.OutcomeUnknown`.
+    """
+
+
+def create_engine(store: PostgresStore, **engine_kwargs: Any) -> AsyncEngine:
+    """An ``AsyncEngine`` (``postgresql+psycopg``) whose connections come from *store*'s active endpoint.
+
+    *engine_kwargs* go to ``create_async_engine``; ``url``, ``creator`` and
+    ``async_creator`` are failover's to set.
+    """
+    for reserved in ("url", "creator", "async_creator"):
+        if reserved in engine_kwargs:
+            raise TypeError(f"sqlalchemy_engine() sets {reserved!r} itself: the store chooses the endpoint")
+    failover = store.failover
+    backend = store.backend
+
+    async def connect_to_active() -> FailoverConnection:
+        async def connect(endpoint: Any) -> FailoverConnection:
+            return await backend.connect(endpoint)
+
+        # Connecting sends no statement: always safe to try the other endpoint.
+        return await failover.run(connect, idempotent=True, label="SQLAlchemy connect")
+
+    engine = create_async_engine("postgresql+psycopg://", async_creator=connect_to_active, **engine_kwargs)
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "checkout")
+    def discard_stale(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        conn = getattr(dbapi_connection, "driver_connection", None)
+        endpoint = getattr(conn, "endpoint", None)
+        if endpoint is None or endpoint.role is not failover.switch.active_role:
+            raise sa_exc.DisconnectionError("the connection goes to an endpoint that is no longer active")
+        if not _socket_alive(conn):  # type: ignore[arg-type]
+            raise sa_exc.DisconnectionError(f"{endpoint.name} closed the connection while it was idle")
+
+    @event.listens_for(sync_engine, "handle_error")
+    def classify(ctx: Any) -> BaseException | None:
+        exc = ctx.original_exception
+        if ctx.is_pre_ping or not isinstance(exc, (psycopg.Error, OSError)):
+            return None
+        conn = _driver_connection(ctx)
+        endpoint = getattr(conn, "endpoint", None)
+        kind = backend.classify(exc)
+        if kind in (ErrorKind.APPLICATION, ErrorKind.BUSY) or endpoint is None:
+            return None
+        reason = failover.describe(endpoint, exc)
+        failover.record_failure(endpoint.role, reason)
+        if kind is ErrorKind.NOT_SENT:  # refused by a read-only server: the driver's error says it best
+            return None
+        ctx.is_disconnect = True
+        failover.counters["errors"] += 1
+        rolled_back = conn is not None and not may_have_committed(conn)
+        if rolled_back:
+            cls: type[_FailoverDBAPIError] = SQLAlchemyTransactionRolledBack
+            message = (
+                f"postgres: connection to {endpoint.name} failed before COMMIT was sent; "
+                f"the transaction was rolled back and can be run again ({reason})"
+            )
+        else:
+            cls = SQLAlchemyOutcomeUnknown
+            message = (
+                f"postgres: connection to {endpoint.name} failed while committing; "
+                f"it may or may not have been committed ({reason})"
+            )
+        hide = bool(getattr(ctx.engine, "hide_parameters", False))
+        return cls(
+            message,
+            ctx.statement,
+            ctx.parameters,
+            exc,
+            hide,
+            "e3q8",  # SQLAlchemy's code for OperationalError
+            store=failover.name,
+            endpoint=endpoint.name,
+        )
+
+    _dispose_on_switch(engine, failover)
+    return engine
+
+
+def _driver_connection(ctx: Any) -> Any:
+    try:
+        return ctx.connection.connection.driver_connection
+    except Exception:  # no connection, or already invalidated
+        return None
+
+
+def _dispose_on_switch(engine: AsyncEngine, failover: Any) -> None:
+    """Close the pool's idle connections whenever the active endpoint changes."""
+    ref = weakref.ref(engine)
+    tasks: set[asyncio.Task[None]] = set()
+
+    def on_event(ev: Event) -> None:
+        if not isinstance(ev, StateChanged) or ev.store != failover.name:
+            return
+        if _serving(ev.from_state) is _serving(ev.to_state):
+            return
+        target = ref()
+        if target is None:
+            unsubscribe()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(_dispose(target))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    unsubscribe = failover.bus.subscribe(on_event)
+    weakref.finalize(engine, unsubscribe)
+
+
+def _serving(state: SwitchState) -> Role | None:
+    if state is SwitchState.ON_PRIMARY:
+        return Role.PRIMARY
+    if state is SwitchState.UNAVAILABLE:
+        return None
+    return Role.FALLBACK  # ON_FALLBACK, RECONCILING
+
+
+async def _dispose(engine: AsyncEngine) -> None:
+    try:
+        await engine.dispose()
+    except Exception:
+        logger.exception("disposing the SQLAlchemy pool after a switch failed")
+
+
+def _replayable(exc: BaseException, idempotent: bool) -> bool:
+    """Whether a session transaction that raised *exc* may run again."""
+    if isinstance(exc, TransactionRolledBack):
+        return True
+    if isinstance(exc, OutcomeUnknown):
+        return idempotent
+    orig = getattr(exc, "orig", None) if isinstance(exc, sa_exc.DBAPIError) else exc
+    return isinstance(orig, psycopg.Error) and orig.sqlstate in _REPLAY_SQLSTATES
+
+
+async def run_session_transaction(
+    store: PostgresStore,
+    session_factory: Callable[[], Any],
+    fn: Callable[[Any], Awaitable[T]],
+    *,
+    idempotent: bool = False,
+    timeout: float | None = None,
+) -> T:
+    """See :meth:`failover.stores.postgres.PostgresStore.run_session_transaction`."""
+    failover = store.failover
+    budget = failover.options.operation_timeout if timeout is None else timeout
+    runs = _Runs(budget)
+    while True:
+        try:
+            # Admitted like a connection() block, so a reconcile hold waits for it as a whole.
+            async with failover.admission.admitted(runs.deadline):
+                async with asyncio.timeout(runs.remaining()):
+                    async with session_factory() as session:
+                        async with session.begin():
+                            result = await fn(session)
+            return result
+        except TimeoutError as exc:
+            raise _timed_out(failover, budget) from exc
+        except Exception as exc:
+            if not _replayable(exc, idempotent):
+                raise
+            error: BaseException = exc
+        if not await runs.another():
+            raise error
+        logger.info("running the session transaction again (run %d of at most %d) after %s", runs.number, runs.attempts, type(error).__name__)
+
+
+def _timed_out(failover: Any, budget: float) -> BaseException:
+    endpoint = failover.active_endpoint
+    return OperationTimeout(
+        f"{failover.name}: the session transaction did not finish within {budget:g}s; "
+        "it may or may not have been committed",
+        store=failover.name,
+        endpoint=endpoint.name if endpoint is not None else None,
+    )

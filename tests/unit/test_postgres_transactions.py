@@ -23,3 +23,21 @@ async def test_runs_are_bounded_in_number_and_by_the_deadline() -> None:
     assert runs.number == 3
     assert not await runs.another()  # the third run was the last
     assert not await _Runs(budget=0.01, attempts=10).another()  # no time for another run
+
+
+def test_not_sent_errors_are_the_core_one_and_read_plainly() -> None:
+    import psycopg_pool
+
+    from failover.core.routing import NotSent
+    from failover.core.store import ErrorKind
+    from failover.stores.postgres import PostgresBackend
+    from failover.stores.postgres.backend import _RolledBack
+
+    backend = PostgresBackend()
+    cause = OSError("server closed the connection unexpectedly")
+    for error in (NotSent("cannot connect: refused"), _RolledBack(f"rolled back, COMMIT was never sent: {cause}"), psycopg_pool.PoolClosed()):
+        assert backend.classify(error) is ErrorKind.NOT_SENT, error
+    # The reason a breaker trip logs is the message, not a tuple of arguments.
+    assert str(_RolledBack(f"rolled back, COMMIT was never sent: {cause}")) == (
+        "rolled back, COMMIT was never sent: server closed the connection unexpectedly"
+    )

@@ -86,6 +86,17 @@ class FailoverConnection(AsyncConnection[Any]):
             self.commits_sent += 1
         await super().commit()
 
+    async def commit_after_reply(self) -> None:
+        """``COMMIT`` without :meth:`commit`'s look at the socket first.
+
+        For a one-statement helper that commits as soon as its statement's reply is read:
+        no wait lies between the two for the server to speak in, and a failure of this
+        ``COMMIT`` leaves the outcome unknown whether the look would have caught it or not.
+        """
+        if self.pgconn.transaction_status != _IDLE:
+            self.commits_sent += 1
+        await super().commit()
+
     async def tpc_prepare(self) -> None:
         self.commits_sent += 1
         await super().tpc_prepare()

@@ -69,6 +69,10 @@ async def failback(dbs: Databases, primary: LocalServer) -> None:
     await wait_for(lambda: state(dbs) is SwitchState.ON_PRIMARY, 40, "failback after reconcile")
 
 
+class _Missing(Exception):
+    """An update or delete matched nothing."""
+
+
 class Writer:
     """Inserts, updates and deletes through failover; ``final``: each acknowledged document's
     final ``note`` (None: deleted), ``acked``: when; unknown outcomes are left out."""
@@ -81,6 +85,8 @@ class Writer:
         self.errors: list[BaseException] = []
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.lock = asyncio.Lock()
+        """Held by each write: a check holding it sees no write in flight (and its record)."""
 
     async def _run(self) -> None:
         items = self.dbs.mongodb.database["items"]
@@ -88,25 +94,33 @@ class Writer:
         while not self._stop.is_set():
             i += 1
             key = i
+            await self.lock.acquire()
             try:
                 live = [k for k, v in self.final.items() if v is not None]
                 if i % 4 == 3 and live:
                     key = live[(i * 7919) % len(live)]
-                    await items.update_one({"_id": key}, {"$set": {"note": f"u{i}"}})
+                    result = await items.update_one({"_id": key}, {"$set": {"note": f"u{i}"}})
+                    if result.matched_count == 0:
+                        # Not on the fallback (inserted on the primary within the failover's RPO):
+                        # the update changed nothing, and the application was told so.
+                        raise _Missing
                     self.final[key] = f"u{i}"
                 elif i % 10 == 9 and live:
                     key = live[(i * 104729) % len(live)]
-                    await items.delete_one({"_id": key})
+                    if (await items.delete_one({"_id": key})).deleted_count == 0:
+                        raise _Missing
                     self.final[key] = None
                 else:
                     await items.insert_one({"_id": key, "note": f"i{i}"})
                     self.final[key] = f"i{i}"
                 self.acked[key] = time.monotonic()
-            except OutcomeUnknown:
+            except (OutcomeUnknown, _Missing):
                 self.unknown.add(key)
                 self.final.pop(key, None)
             except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
                 self.errors.append(exc)
+            finally:
+                self.lock.release()
             await asyncio.sleep(0.003)
 
     def start(self) -> Writer:
@@ -240,8 +254,10 @@ async def test_outage_reconcile_failback_and_a_second_outage_keep_every_acknowle
         rpo = warm(dbs)["rpo_at_last_failover_s"]
         assert rpo is not None and rpo < 1.0, warm(dbs)
         horizon = killed - max(rpo, lag) - warm(dbs)["heartbeat_interval_s"] - 0.05
-        expected = writer.expected_before(horizon)
-        assert missing(expected, await notes(f["items"])) == [], "the fallback lacks writes made before the second outage"
+        async with writer.lock:  # no write in flight whose record is not written yet
+            expected = writer.expected_before(horizon)
+            served = await notes(f["items"])
+        assert missing(expected, served) == [], "the fallback lacks writes made before the second outage"
         await asyncio.sleep(0.8)
         await failback(dbs, primary)
         await writer.stop()

@@ -145,7 +145,8 @@ class MongoWarmSync(WarmSync):
         self._task: asyncio.Task[None] | None = None
         self._next_discover = 0.0
         self._active = False
-        self._copying = False
+        self._copying = False  # the first copy after setup (reported as 'copying')
+        self._to_copy = False  # collections wait for their copy (later ones are copied quietly)
         self._copy_done = 0
         self._copy_total: int | None = None
         self._error: str | None = None
@@ -185,7 +186,7 @@ class MongoWarmSync(WarmSync):
         await self._db(fallback).command("ping")
         self._endpoints = (primary, fallback)
         await self._discover()
-        self._copying = any(not c.copied for c in self._collections.values())
+        self._copying = self._to_copy = any(not c.copied for c in self._collections.values())
         self._start()
 
     async def refresh(self, primary: Endpoint, fallback: Endpoint) -> None:
@@ -261,7 +262,7 @@ class MongoWarmSync(WarmSync):
                 coll.copied = coll.token is not None  # a stored token: this fallback was copied before
                 self._collections[name] = coll
                 if not coll.copied:
-                    self._copying = True
+                    self._to_copy = True
 
     def _start(self) -> None:
         self._active = True
@@ -308,7 +309,7 @@ class MongoWarmSync(WarmSync):
         if time.monotonic() >= self._next_discover:
             self._next_discover = time.monotonic() + DISCOVER_INTERVAL
             await self._discover()
-        if self._copying:
+        if self._to_copy:
             await self._initial_copy(primary, fallback)
         busy = False
         heartbeat = self._collections[HEARTBEAT]
@@ -359,7 +360,7 @@ class MongoWarmSync(WarmSync):
                 logger.warning("mongodb: the change history of %s no longer reaches its stored token: comparing it", coll.name)
                 coll.token = None
                 coll.copied = False
-                self._copying = True
+                self._to_copy = True
                 return
             logger.info("mongodb: %s cannot be watched (%s): compared every %ss", coll.name, exc.code, self.compare_interval)
             coll.compare = True
@@ -384,11 +385,12 @@ class MongoWarmSync(WarmSync):
             coll.copied = True
             if coll.token is not None:
                 await self._save_token(fallback, coll.name, coll.token)
-        self._copying = False
         logger.info(
-            "mongodb: initial copy into %s done: %d collections, %d documents in %.1fs",
-            fallback.name, len(todo), self._copy_done, time.monotonic() - started,
+            "mongodb: %s into %s done: %d collections (%s), %d documents in %.1fs",
+            "initial copy" if self._copying else "copy of new collections", fallback.name, len(todo),
+            ", ".join(c.name for c in todo), self._copy_done, time.monotonic() - started,
         )  # fmt: skip
+        self._copying = self._to_copy = False
 
     # --- copies -----------------------------------------------------------------------------
 

@@ -80,6 +80,7 @@ from .capture import (
     DIGEST_LIMIT,
     DIRTY,
     PREFIX,
+    STRING_INLINE_BYTES,
     TMP,
     VERSION,
     RedisCapture,
@@ -123,6 +124,49 @@ for i, k in ipairs(KEYS) do
   out[i] = ty .. '|' .. size .. '|' .. digest .. '|' .. expires
 end
 return out
+"""
+
+
+READ_SCRIPT = r"""
+-- KEYS: keys. Per key: 's', value, PTTL for a string; 'n' for none; 'o' for any other type
+-- or a string too big to copy inline (those take the typed copy).
+local out = {}
+for _, k in ipairs(KEYS) do
+  local ty = redis.call('TYPE', k)['ok']
+  if ty == 'string' and redis.call('STRLEN', k) <= tonumber(ARGV[1]) then
+    out[#out + 1] = 's'
+    out[#out + 1] = redis.call('GET', k)
+    out[#out + 1] = redis.call('PTTL', k)
+  else
+    out[#out + 1] = ty == 'none' and 'n' or 'o'
+    out[#out + 1] = ''
+    out[#out + 1] = -2
+  end
+end
+return out
+"""
+
+APPLY_SCRIPT = r"""
+-- KEYS[1]: the capture's dirty set; KEYS[2..]: keys.  ARGV: per key kind ('s'|'n'), value, PTTL.
+-- A key that is dirty (written on the fallback, not yet reconciled) is left alone: the check and
+-- the write are one atomic step, so a write captured after the primary was read is never undone.
+local written = 0
+for i = 2, #KEYS do
+  local k = KEYS[i]
+  if redis.call('SISMEMBER', KEYS[1], k) == 0 then
+    local j = (i - 2) * 3
+    local pttl = tonumber(ARGV[j + 3])
+    if ARGV[j + 1] == 's' and pttl == -1 then
+      redis.call('SET', k, ARGV[j + 2])
+    elseif ARGV[j + 1] == 's' and pttl > 0 then
+      redis.call('SET', k, ARGV[j + 2], 'PX', pttl)
+    else
+      redis.call('DEL', k)
+    end
+    written = written + 1
+  end
+end
+return written
 """
 
 
@@ -193,6 +237,7 @@ class RedisWarmSync(WarmSync):
         self._idle = False
         self._wakeup = asyncio.Event()
         self._resync_now = asyncio.Event()
+        self._scripts: dict[tuple[int, str], Any] = {}
         self._lock = asyncio.Lock()  # one copy at a time: a slow read must not overwrite a newer copy
         self._tasks: list[asyncio.Task[None]] = []
         self._endpoints: tuple[Endpoint, Endpoint] | None = None
@@ -256,6 +301,7 @@ class RedisWarmSync(WarmSync):
     async def close(self) -> None:
         await self._stop_tasks()
         clients, self._clients = list(self._clients.values()), {}
+        self._scripts.clear()
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.aclose()
@@ -415,48 +461,79 @@ class RedisWarmSync(WarmSync):
     # --- copies -----------------------------------------------------------------------------
 
     async def _copy(self, keys: list[bytes]) -> int:
-        """Copy *keys*' current value from the primary into the fallback; return how many were written."""
-        for attempt in range(COPY_ATTEMPTS):
-            try:
-                return await self._copy_once(keys)
-            except WatchError:
-                self.aborted_copies += 1
-                if not self.on_primary() or not self._active:
-                    raise _Stopped from None
-        return 0
+        """Copy *keys*' current value from the primary into the fallback; return how many were written.
 
-    async def _copy_once(self, keys: list[bytes]) -> int:
+        Strings (most keys) take two script calls, one per server; other types the typed copy
+        of :mod:`.capture` under a ``WATCH`` (tried again when a captured write aborted it).
+        """
         assert self._endpoints is not None
         primary, fallback = self._endpoints
         pconn, fconn = self._client(primary), self._client(fallback)
         async with self._lock:
-            big: list[Snapshot] = []
-            async with fconn.pipeline(transaction=True) as pipe:
-                # A write captured on the fallback from here on aborts this copy (see the docstring).
-                await pipe.watch(DIRTY, VERSION)
-                dirty = await pipe.smismember(DIRTY, keys)
-                clean = [k for k, d in zip(keys, dirty) if not d]
-                self.skipped_dirty += len(keys) - len(clean)
-                if not clean:
-                    return 0
-                if not (self._active and self.on_primary()):
-                    raise _Stopped
-                snapshots, _ = await self._copier._snapshot(pconn, clean)
-                read_at = time.monotonic()
-                pipe.multi()
-                for snap in snapshots:
-                    if snap.inline:
-                        _queue_replace(pipe, snap.key, snap, 0)
-                    else:
-                        big.append(snap)
-                if pipe.command_stack:
-                    replies = await pipe.execute(raise_on_error=False)
-                    errors = [r for r in replies if isinstance(r, Exception)]
-                    if errors:
-                        raise errors[0]
-            for snap in big:
-                await self._copy_big(pconn, fconn, snap, read_at)
-            return len(snapshots)
+            self._check()
+            reply = await self._script(pconn, READ_SCRIPT)(keys=keys, args=[STRING_INLINE_BYTES], client=pconn)
+            strings: list[bytes] = []
+            args: list[Any] = []
+            typed: list[bytes] = []
+            for i, key in enumerate(keys):
+                kind, value, pttl = reply[3 * i : 3 * i + 3]
+                if kind == b"o":
+                    typed.append(key)
+                else:
+                    strings.append(key)
+                    args += [kind, value, pttl]
+            written = 0
+            if strings:
+                self._check()
+                written = int(await self._script(fconn, APPLY_SCRIPT)(keys=[DIRTY, *strings], args=args, client=fconn))
+                self.skipped_dirty += len(strings) - written
+            for _attempt in range(COPY_ATTEMPTS if typed else 0):
+                try:
+                    written += await self._copy_typed(pconn, fconn, typed)
+                    break
+                except WatchError:
+                    self.aborted_copies += 1
+                    self._check()
+            return written
+
+    def _check(self) -> None:
+        if not (self._active and self.on_primary()):
+            raise _Stopped
+
+    def _script(self, client: Redis, text: str) -> Any:
+        key = (id(client), text)
+        script = self._scripts.get(key)
+        if script is None:
+            script = self._scripts[key] = client.register_script(text)
+        return script
+
+    async def _copy_typed(self, pconn: Redis, fconn: Redis, keys: list[bytes]) -> int:
+        big: list[Snapshot] = []
+        async with fconn.pipeline(transaction=True) as pipe:
+            # A write captured on the fallback from here on aborts this copy (see the docstring).
+            await pipe.watch(DIRTY, VERSION)
+            dirty = await pipe.smismember(DIRTY, keys)
+            clean = [k for k, d in zip(keys, dirty) if not d]
+            self.skipped_dirty += len(keys) - len(clean)
+            if not clean:
+                return 0
+            self._check()
+            snapshots, _ = await self._copier._snapshot(pconn, clean)
+            read_at = time.monotonic()
+            pipe.multi()
+            for snap in snapshots:
+                if snap.inline:
+                    _queue_replace(pipe, snap.key, snap, 0)
+                else:
+                    big.append(snap)
+            if pipe.command_stack:
+                replies = await pipe.execute(raise_on_error=False)
+                errors = [r for r in replies if isinstance(r, Exception)]
+                if errors:
+                    raise errors[0]
+        for snap in big:
+            await self._copy_big(pconn, fconn, snap, read_at)
+        return len(snapshots)
 
     async def _copy_big(self, pconn: Redis, fconn: Redis, snap: Snapshot, read_at: float) -> None:
         """A key too big for one transaction: chunks into a temporary key, swapped in under the fence."""
@@ -472,8 +549,7 @@ class RedisWarmSync(WarmSync):
                 if await pipe.sismember(DIRTY, snap.key):
                     self.skipped_dirty += 1
                     return
-                if not (self._active and self.on_primary()):
-                    raise _Stopped
+                self._check()
                 if written == 0 or not await pipe.exists(tmp):
                     return  # gone on the primary meanwhile: the next copy of it deletes it
                 pipe.multi()

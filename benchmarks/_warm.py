@@ -1,0 +1,194 @@
+"""Shared by ``warm_redis`` and ``warm_mongodb``: steady-state cost of warm sync, its lag, a crash's RPO.
+
+For each mode (``FAILOVER_WARM=off``, then ``on``; ``--rounds`` alternations, each on a fresh
+pair of servers) a closed loop of one-key upserts (:mod:`._common`'s workload) runs through
+failover for ``--seconds`` at concurrency 1 and 8, after the raw driver on the same primary in
+the same run: µs/op and the ratio to the raw driver. With warm sync on, the status ``lag_s`` is
+sampled every 20 ms meanwhile (p50/p99/max); at the end the primary is SIGKILLed under 4
+writers of new keys: the RPO the status reports and how many acknowledged writes the fallback
+really lacks (read with the raw driver).
+
+Both servers and the copies share this machine's two cores with the load (the warm worker
+runs in the application's own event loop): an upper bound of the cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from failover import SwitchState
+
+from ._common import KEYS, WORKLOADS, open_databases, percentile, server_pair, wait_until
+
+CONCURRENCY = (1, 8)
+
+
+async def _closed_loop(op: Callable[[int], Awaitable[Any]], workers: int, seconds: float) -> float:
+    """µs per operation of *workers* back-to-back loops running *op* for *seconds*."""
+    done = 0
+    stop = time.monotonic() + seconds
+    counter = 0
+
+    async def worker() -> None:
+        nonlocal done, counter
+        while time.monotonic() < stop:
+            counter += 1
+            await op(counter)
+            done += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return (time.monotonic() - started) * 1e6 / max(1, done)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 2)
+
+
+async def _write_new(store: str, dbs: Any, key: int) -> None:
+    if store == "redis":
+        await dbs.redis.set(f"crash:{key}", 1)
+    else:
+        await dbs.mongodb.database["failover_bench_crash"].insert_one({"_id": key})
+
+
+async def _present(store: str, fallback_url: str) -> set[int]:
+    if store == "redis":
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(fallback_url)
+        try:
+            return {int(k.split(b":")[1]) async for k in client.scan_iter("crash:*", count=1000)}
+        finally:
+            await client.aclose()
+    from pymongo import AsyncMongoClient
+
+    mongo: AsyncMongoClient[Any] = AsyncMongoClient(fallback_url, directConnection=True)
+    try:
+        return {d["_id"] async for d in mongo["app"]["failover_bench_crash"].find({}, {"_id": 1})}
+    finally:
+        await mongo.close()
+
+
+async def _crash(store: str, dbs: Any, primary: Any, fallback: Any) -> dict[str, Any]:
+    acked: dict[int, float] = {}
+    stop = asyncio.Event()
+    counter = [10 * KEYS]
+
+    async def writer() -> None:
+        while not stop.is_set():
+            counter[0] += 1
+            key = counter[0]
+            try:
+                await _write_new(store, dbs, key)
+                acked[key] = time.monotonic()
+            except Exception:  # noqa: BLE001 - outcome unknown at the kill: not counted either way
+                await asyncio.sleep(0.01)
+
+    tasks = [asyncio.create_task(writer()) for _ in range(4)]
+    await asyncio.sleep(2.0)
+    killed = time.monotonic()
+    await asyncio.to_thread(primary.kill)
+    failover = dbs.store(store)
+    await wait_until(lambda: failover.switch.state is SwitchState.ON_FALLBACK, 15, "failover")
+    stop.set()
+    await asyncio.gather(*tasks)
+    before_kill = {k for k, at in acked.items() if at < killed}
+    lost = sorted(before_kill - await _present(store, fallback.url))
+    reach = max((killed - acked[k] for k in lost), default=0.0)
+    return {
+        "rpo_reported_ms": _ms(failover.status()["warm"]["rpo_at_last_failover_s"]),
+        "acked_before_kill": len(before_kill),
+        "lost_on_fallback": len(lost),
+        "loss_reach_ms": _ms(reach),
+    }
+
+
+async def one_round(store: str, mode: str, seconds: float) -> dict[str, Any]:
+    workload = WORKLOADS[store]()
+    async with server_pair(store) as (primary, fallback):
+        for server in (primary, fallback):
+            await workload.prepare(server.url)
+        result: dict[str, Any] = {"mode": mode}
+        raw, close = await workload.raw(primary.url)
+        try:
+            await _closed_loop(raw, 1, 0.5)  # warm-up
+            for c in CONCURRENCY:
+                result[f"raw_us_c{c}"] = await _closed_loop(raw, c, seconds)
+        finally:
+            await close()
+        dbs = await open_databases(store, primary.url, fallback.url, FAILOVER_WARM=mode)
+        try:
+            failover = dbs.store(store)
+            if mode == "on":
+                await wait_until(lambda: failover.status()["warm"]["state"] == "streaming", 60, "warm sync streaming")
+            op = workload.via(dbs)
+            await _closed_loop(op, 1, 0.5)
+            lags: list[float] = []
+
+            async def sample() -> None:
+                while True:
+                    lag = failover.status()["warm"]["lag_s"]
+                    if lag is not None:
+                        lags.append(lag)
+                    await asyncio.sleep(0.02)
+
+            sampler = asyncio.create_task(sample())
+            try:
+                for c in CONCURRENCY:
+                    result[f"failover_us_c{c}"] = await _closed_loop(op, c, seconds)
+                    result[f"ratio_c{c}"] = result[f"failover_us_c{c}"] / result[f"raw_us_c{c}"]
+            finally:
+                sampler.cancel()
+            if mode == "on":
+                result["lag_p50_ms"] = _ms(percentile(lags, 50))
+                result["lag_p99_ms"] = _ms(percentile(lags, 99))
+                result["lag_max_ms"] = _ms(max(lags) if lags else None)
+                result.update(await _crash(store, dbs, primary, fallback))
+        finally:
+            await dbs.close()
+        return result
+
+
+async def main(store: str, doc: str) -> None:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of off and on")
+    args = parser.parse_args()
+    modes = ("off", "on")
+    rounds = []
+    for _ in range(args.rounds):
+        for mode in modes:
+            rounds.append(await one_round(store, mode, args.seconds))
+    print(json.dumps(rounds, indent=1))
+    print("\n| warm | concurrency | raw µs/op | failover µs/op | ratio to raw |")
+    print("|---|---|---|---|---|")
+    for mode in modes:
+        mine = [r for r in rounds if r["mode"] == mode]
+        for c in CONCURRENCY:
+            raw = statistics.median(r[f"raw_us_c{c}"] for r in mine)
+            via = statistics.median(r[f"failover_us_c{c}"] for r in mine)
+            ratio = statistics.median(r[f"ratio_c{c}"] for r in mine)
+            print(f"| {mode} | {c} | {raw:.0f} | {via:.0f} | {ratio:.2f} |")
+    on = [r for r in rounds if r["mode"] == "on"]
+    for c in CONCURRENCY:
+        off_ratio = statistics.median(r[f"ratio_c{c}"] for r in rounds if r["mode"] == "off")
+        on_ratio = statistics.median(r[f"ratio_c{c}"] for r in on)
+        off_us = statistics.median(r[f"failover_us_c{c}"] for r in rounds if r["mode"] == "off")
+        on_us = statistics.median(r[f"failover_us_c{c}"] for r in on)
+        print(
+            f"concurrency {c}: warm on vs off: {100 * (on_ratio / off_ratio - 1):+.1f}% on the ratio to raw, "
+            f"{100 * (on_us / off_us - 1):+.1f}% on failover µs/op ({on_us:.0f} vs {off_us:.0f})"
+        )
+    for r in on:
+        print(
+            f"lag p50 {r['lag_p50_ms']} ms, p99 {r['lag_p99_ms']} ms, max {r['lag_max_ms']} ms; crash: RPO reported "
+            f"{r['rpo_reported_ms']} ms, {r['lost_on_fallback']} of {r['acked_before_kill']} acknowledged writes "
+            f"missing on the fallback (oldest {r['loss_reach_ms']} ms before the kill)"
+        )

@@ -37,9 +37,11 @@ Never against reconcile:
   nothing is copied again.
 
 Lag: a heartbeat document in ``failover_warm_heartbeat`` on the primary (one per
-process) travels through its own change stream, polled first and applied last
-in each round, so a heartbeat seen on the fallback means every change made
-before it was applied too.
+process) travels through its own change stream, polled first in each round and
+applied last, and only in a round that read every data stream to its end: a
+heartbeat seen on the fallback means every change made before it was applied
+too. Collections that are compared instead of streamed are not covered by it
+(their lag is the comparison interval).
 
 On ``nx-27017`` (the test servers), measured: collection ``watch()`` works
 (insert/update/replace/delete events, resume tokens that survive a restart),
@@ -144,6 +146,7 @@ class MongoWarmSync(WarmSync):
         self._collections: dict[str, _Collection] = {}
         self._task: asyncio.Task[None] | None = None
         self._next_discover = 0.0
+        self._held_beat: tuple[_Collection, dict[Any, None], Any] | None = None
         self._active = False
         self._copying = False  # the first copy after setup (reported as 'copying')
         self._to_copy = False  # collections wait for their copy (later ones are copied quietly)
@@ -201,6 +204,7 @@ class MongoWarmSync(WarmSync):
     async def pause(self, fallback: Endpoint) -> None:
         self._active = False
         await self._stop()
+        self._held_beat = None  # its events are read again from the stored token
         for coll in self._collections.values():
             if coll.stream is not None:
                 with contextlib.suppress(Exception):
@@ -317,6 +321,7 @@ class MongoWarmSync(WarmSync):
         # made before it was read in this round (or an earlier one) and applied.
         order = [heartbeat, *(c for c in self._collections.values() if c is not heartbeat)]
         changed: dict[str, tuple[_Collection, dict[Any, None], Any]] = {}
+        drained = True
         now = time.monotonic()
         for coll in order:
             if coll.compare:
@@ -339,8 +344,19 @@ class MongoWarmSync(WarmSync):
                 doc_id = _event_id(event)
                 if doc_id is not _NO_ID:
                     ids[doc_id] = None
+            if len(ids) >= self.batch and coll is not heartbeat:
+                drained = False
             if token is not None:
                 changed[coll.name] = (coll, ids, token)
+        # A heartbeat read this round is applied only when every data stream was read to its end
+        # in this round (a backlog left for the next round was written before it); until then
+        # it is held, and merged with the next ones.
+        beat = changed.pop(HEARTBEAT, None)
+        if beat is not None:
+            held = self._held_beat
+            self._held_beat = beat if held is None else (beat[0], {**held[1], **beat[1]}, beat[2])
+        if drained and self._held_beat is not None:
+            changed[HEARTBEAT], self._held_beat = self._held_beat, None
         for name, (coll, ids, token) in [*((n, v) for n, v in changed.items() if n != HEARTBEAT), *((n, v) for n, v in changed.items() if n == HEARTBEAT)]:
             if ids:
                 await self._apply(primary, fallback, name, list(ids))

@@ -46,8 +46,9 @@ Never against reconcile:
   Reconciled keys are equal on both sides by then, and a copy always reads the
   primary's current value, so nothing reconciled is ever undone.
 
-Lag: a heartbeat key ``failover:warm:hb:<process>`` is written on the primary and
-goes through the same queue; :meth:`RedisWarmSync.applied` reads it on the fallback.
+Lag: a heartbeat key ``failover:warm:hb:<process>`` is written on the primary and its
+number goes through the same queue; it is written on the fallback only once every key
+noted before it has been copied (:meth:`RedisWarmSync.applied` reads it there).
 
 Not covered (reported in the status): writes by other clients between two
 re-syncs; commands dropped by a full queue until the next re-sync; keys the
@@ -187,6 +188,10 @@ async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
             logger.debug("warm sync task %s ended with %r", task.get_name(), task.exception())
 
 
+_BEAT = object()
+"""Queued in place of a command: a heartbeat's number, applied once everything before it is copied."""
+
+
 class _Stopped(Exception):
     """The store left its primary during a copy: the copy is abandoned."""
 
@@ -227,6 +232,8 @@ class RedisWarmSync(WarmSync):
         self.resync_interval = resync_interval
         self.heartbeat_key = (HEARTBEAT_PREFIX + secrets.token_hex(6)).encode()
         self._beats = 0
+        self._beat_drained: int | None = None
+        self._beat_applied: int | None = None
         self._copier = RedisCapture(connect_timeout=connect_timeout)  # its typed copy, nothing else
         self._clients: dict[str, Redis] = {}
         self._queue: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -329,7 +336,7 @@ class RedisWarmSync(WarmSync):
     async def heartbeat(self, primary: Endpoint) -> int:
         self._beats += 1
         await self._client(primary).set(self.heartbeat_key, self._beats, px=HEARTBEAT_TTL_MS)
-        self.note(("SET", self.heartbeat_key))
+        self.note((_BEAT, self._beats))
         return self._beats
 
     async def applied(self, fallback: Endpoint) -> int | None:
@@ -403,9 +410,15 @@ class RedisWarmSync(WarmSync):
         """Move queued commands' keys into the backlog (distinct keys, oldest first)."""
         queue, backlog, prefix = self._queue, self._backlog, PREFIX.encode()
         while queue and (limit is None or len(backlog) < limit):
-            for key in write_keys(queue.popleft()) or ():
+            args = queue.popleft()
+            if args[0] is _BEAT:
+                # Everything noted before this beat is in the backlog now: the beat reaches the
+                # fallback once the backlog is empty (see _mirror_loop), never before.
+                self._beat_drained = args[1]
+                continue
+            for key in write_keys(args) or ():
                 key = key if isinstance(key, bytes) else str(key).encode()
-                if not key.startswith(prefix) or key == self.heartbeat_key:
+                if not key.startswith(prefix):
                     backlog[key] = None
         if len(backlog) > self.queue_size:  # bounded: what does not fit waits for the re-sync
             for key in list(backlog)[self.queue_size :]:
@@ -427,6 +440,7 @@ class RedisWarmSync(WarmSync):
             self._drain(self.batch)
             keys = list(itertools.islice(backlog, self.batch))
             if not keys:
+                await self._apply_beat()
                 continue
             try:
                 self.mirrored_keys += await self._copy(keys)
@@ -441,6 +455,23 @@ class RedisWarmSync(WarmSync):
                 continue
             for key in keys:
                 backlog.pop(key, None)
+            if not backlog:
+                await self._apply_beat()
+
+    async def _apply_beat(self) -> None:
+        """Write the newest drained heartbeat on the fallback: every write noted before it is there."""
+        beat = self._beat_drained
+        if beat is None or beat == self._beat_applied:
+            return
+        assert self._endpoints is not None
+        if not (self._active and self.on_primary()):
+            return
+        try:
+            await self._client(self._endpoints[1]).set(self.heartbeat_key, beat, px=HEARTBEAT_TTL_MS)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("heartbeat", exc)
+            return
+        self._beat_applied = beat
 
     async def _resync_loop(self) -> None:
         while True:

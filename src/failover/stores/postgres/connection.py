@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -86,16 +86,17 @@ class FailoverConnection(AsyncConnection[Any]):
             self.commits_sent += 1
         await super().commit()
 
-    async def commit_after_reply(self) -> None:
+    def commit_after_reply(self) -> Coroutine[Any, Any, None]:
         """``COMMIT`` without :meth:`commit`'s look at the socket first.
 
         For a one-statement helper that commits as soon as its statement's reply is read:
         no wait lies between the two for the server to speak in, and a failure of this
         ``COMMIT`` leaves the outcome unknown whether the look would have caught it or not.
+        Returns psycopg's own coroutine (no frame of ours to resume while it waits).
         """
         if self.pgconn.transaction_status != _IDLE:
             self.commits_sent += 1
-        await super().commit()
+        return AsyncConnection.commit(self)
 
     async def tpc_prepare(self) -> None:
         self.commits_sent += 1
@@ -119,13 +120,15 @@ class FailoverConnection(AsyncConnection[Any]):
 class _TrackedCursor(AsyncCursor[Any]):
     """The cursor of :class:`FailoverConnection`: tells it about every statement sent."""
 
-    async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+    # Plain methods returning psycopg's coroutine: the statement is noted when the call is
+    # made (psycopg awaits it at once), and no frame of ours is resumed at every wait.
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         _note(self._conn, query)
-        return await super().execute(query, params, **kwargs)
+        return super().execute(query, params, **kwargs)
 
-    async def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
+    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         _note(self._conn, query)
-        await super().executemany(query, params_seq, **kwargs)
+        return super().executemany(query, params_seq, **kwargs)
 
     async def stream(self, query: Any, params: Any = None, **kwargs: Any) -> AsyncIterator[Any]:  # type: ignore[override]
         _note(self._conn, query)

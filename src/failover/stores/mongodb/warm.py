@@ -38,9 +38,9 @@ Never against reconcile:
 
 Lag: a heartbeat document in ``failover_warm_heartbeat`` on the primary (one per
 process) travels through its own change stream, polled first in each round and
-applied last, and only in a round that read every data stream to its end: a
-heartbeat seen on the fallback means every change made before it was applied
-too. Collections that are compared instead of streamed are not covered by it
+applied last, and only once every data stream has been read to its end in that
+round or a later one: a heartbeat seen on the fallback means every change made
+before it was applied too. Collections that are compared instead of streamed are not covered by it
 (their lag is the comparison interval).
 
 On ``nx-27017`` (the test servers), measured: collection ``watch()`` works
@@ -86,6 +86,8 @@ DEFAULT_COMPARE_INTERVAL = 10.0
 """Seconds between two comparisons of a collection whose changes cannot be streamed."""
 DEFAULT_POLL_INTERVAL = 0.02
 """Seconds the loop rests after a round that found no event."""
+EVENTS_PER_ROUND = 10 * DEFAULT_BATCH
+"""Events read from one stream per round (their distinct documents are applied in batches)."""
 POLL_AWAIT_MS = 20
 """How long one stream's ``getMore`` may wait for an event (a round polls every stream)."""
 RETRY_PAUSE = 0.5
@@ -100,7 +102,7 @@ class _Stopped(Exception):
 class _Collection:
     """One synced collection: its stream (None: compared instead) and what it has done."""
 
-    __slots__ = ("name", "stream", "token", "compare", "next_compare", "copied")
+    __slots__ = ("name", "stream", "token", "compare", "next_compare", "copied", "drained")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -109,6 +111,8 @@ class _Collection:
         self.compare = False
         self.next_compare = 0.0
         self.copied = False
+        self.drained = -1
+        """The last round in which its stream was read to its end."""
 
 
 class MongoWarmSync(WarmSync):
@@ -146,7 +150,8 @@ class MongoWarmSync(WarmSync):
         self._collections: dict[str, _Collection] = {}
         self._task: asyncio.Task[None] | None = None
         self._next_discover = 0.0
-        self._held_beat: tuple[_Collection, dict[Any, None], Any] | None = None
+        self._held_beats: list[tuple[int, int]] = []  # (round read in, heartbeat number) not yet written
+        self._rounds = 0
         self._active = False
         self._copying = False  # the first copy after setup (reported as 'copying')
         self._to_copy = False  # collections wait for their copy (later ones are copied quietly)
@@ -204,7 +209,7 @@ class MongoWarmSync(WarmSync):
     async def pause(self, fallback: Endpoint) -> None:
         self._active = False
         await self._stop()
-        self._held_beat = None  # its events are read again from the stored token
+        self._held_beats = []  # read again from the stored token
         for coll in self._collections.values():
             if coll.stream is not None:
                 with contextlib.suppress(Exception):
@@ -317,11 +322,10 @@ class MongoWarmSync(WarmSync):
             await self._initial_copy(primary, fallback)
         busy = False
         heartbeat = self._collections[HEARTBEAT]
-        # The heartbeat's stream first and applied last: a heartbeat applied means every change
-        # made before it was read in this round (or an earlier one) and applied.
+        # The heartbeat's stream first: see below for when a heartbeat reaches the fallback.
         order = [heartbeat, *(c for c in self._collections.values() if c is not heartbeat)]
         changed: dict[str, tuple[_Collection, dict[Any, None], Any]] = {}
-        drained = True
+        self._rounds += 1
         now = time.monotonic()
         for coll in order:
             if coll.compare:
@@ -335,34 +339,44 @@ class MongoWarmSync(WarmSync):
                     continue
             ids: dict[Any, None] = {}
             token = None
-            while len(ids) < self.batch:
+            for _ in range(EVENTS_PER_ROUND):
                 event = await coll.stream.try_next()
                 if event is None:
+                    coll.drained = self._rounds  # every event written before this round is read
                     break
                 self.events += 1
                 token = coll.stream.resume_token
+                if coll is heartbeat:
+                    number = _beat_number(event, self.heartbeat_id)
+                    if number is not None:
+                        self._held_beats.append((self._rounds, number))
+                    continue
                 doc_id = _event_id(event)
                 if doc_id is not _NO_ID:
                     ids[doc_id] = None
-            if len(ids) >= self.batch and coll is not heartbeat:
-                drained = False
             if token is not None:
                 changed[coll.name] = (coll, ids, token)
-        # A heartbeat read this round is applied only when every data stream was read to its end
-        # in this round (a backlog left for the next round was written before it); until then
-        # it is held, and merged with the next ones.
-        beat = changed.pop(HEARTBEAT, None)
-        if beat is not None:
-            held = self._held_beat
-            self._held_beat = beat if held is None else (beat[0], {**held[1], **beat[1]}, beat[2])
-        if drained and self._held_beat is not None:
-            changed[HEARTBEAT], self._held_beat = self._held_beat, None
-        for name, (coll, ids, token) in [*((n, v) for n, v in changed.items() if n != HEARTBEAT), *((n, v) for n, v in changed.items() if n == HEARTBEAT)]:
-            if ids:
-                await self._apply(primary, fallback, name, list(ids))
+        for name, (coll, ids, token) in changed.items():
+            chunk = list(ids)
+            for start in range(0, len(chunk), self.batch):
+                await self._apply(primary, fallback, name, chunk[start : start + self.batch])
                 busy = True
             coll.token = token
             await self._save_token(fallback, name, token)
+        # A heartbeat read in round r is written on the fallback once every data stream has been
+        # read to its end in round r or later (the heartbeat's stream is polled first in a round),
+        # with the number its event carried: never a newer one read from the primary.
+        floor = min(
+            (c.drained for c in self._collections.values() if c is not heartbeat and not c.compare and c.stream is not None),
+            default=self._rounds,
+        )
+        ready = [number for read, number in self._held_beats if read <= floor]
+        if ready:
+            self._held_beats = [(read, number) for read, number in self._held_beats if read > floor]
+            self._check()
+            await self._db(fallback)[HEARTBEAT].update_one(
+                {"_id": self.heartbeat_id}, {"$max": {"n": max(ready)}}, upsert=True
+            )
         return busy
 
     async def _open(self, primary: Endpoint, coll: _Collection) -> None:
@@ -386,7 +400,8 @@ class MongoWarmSync(WarmSync):
             coll.token = coll.stream.resume_token
 
     async def _initial_copy(self, primary: Endpoint, fallback: Endpoint) -> None:
-        todo = [c for c in self._collections.values() if not c.copied]
+        # The heartbeat first: a number copied before the data can only under-state the fallback.
+        todo = sorted((c for c in self._collections.values() if not c.copied), key=lambda c: c.name != HEARTBEAT)
         self._copy_done = 0
         total = 0
         for coll in todo:
@@ -496,6 +511,18 @@ def _event_id(event: dict[str, Any]) -> Any:
     if isinstance(key, dict) and "_id" in key:
         return key["_id"]
     return _NO_ID
+
+
+def _beat_number(event: dict[str, Any], heartbeat_id: str) -> int | None:
+    """This process's heartbeat number carried by *event* (its own image, never a lookup)."""
+    full = event.get("fullDocument")
+    if isinstance(full, dict) and full.get("_id") == heartbeat_id and "n" in full:
+        return int(full["n"])
+    key = event.get("documentKey") or {}
+    fields = (event.get("updateDescription") or {}).get("updatedFields") or {}
+    if key.get("_id") == heartbeat_id and "n" in fields:
+        return int(fields["n"])
+    return None
 
 
 def _write_id(write: Any) -> Any:

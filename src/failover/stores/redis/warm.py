@@ -91,7 +91,7 @@ from .capture import (
     _queue_replace,
     _write_chunk,
 )
-from .writes import write_keys
+from .writes import WRITE_COMMANDS, write_keys
 
 __all__ = ["RedisWarmSync"]
 
@@ -188,6 +188,11 @@ async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
             logger.debug("warm sync task %s ended with %r", task.get_name(), task.exception())
 
 
+_WRITE_NAMES = frozenset(
+    name for upper in WRITE_COMMANDS for name in (upper, upper.lower(), upper.encode(), upper.lower().encode())
+)
+"""Command names (as redis-py sends them, and lower-cased) whose keys the mirror copies."""
+
 _BEAT = object()
 """Queued in place of a command: a heartbeat's number, applied once everything before it is copied."""
 
@@ -271,6 +276,12 @@ class RedisWarmSync(WarmSync):
         """A command the primary served: queue it for the mirror (never blocks, never raises)."""
         if not self._active:
             return
+        name = args[0]
+        if name not in _WRITE_NAMES and (type(name) is not str or name.partition(" ")[0] not in _WRITE_NAMES):
+            return  # a read; or a write the key table does not know, which the re-sync covers
+        self._enqueue(args)
+
+    def _enqueue(self, args: tuple[Any, ...]) -> None:
         queue = self._queue
         if len(queue) >= self.queue_size:
             self.queue_overflows += 1
@@ -336,7 +347,8 @@ class RedisWarmSync(WarmSync):
     async def heartbeat(self, primary: Endpoint) -> int:
         self._beats += 1
         await self._client(primary).set(self.heartbeat_key, self._beats, px=HEARTBEAT_TTL_MS)
-        self.note((_BEAT, self._beats))
+        if self._active:
+            self._enqueue((_BEAT, self._beats))
         return self._beats
 
     async def applied(self, fallback: Endpoint) -> int | None:

@@ -5,7 +5,7 @@ publication on the primary and a subscription on the fallback copy the rows in
 0.44 s and apply 40,000 streamed inserts in 0.38 s; nothing runs in the
 application's transactions on the primary, so its path does not change. The
 apply workers run with ``session_replication_role = replica``: the capture
-triggers of :mod:`.postgres_capture` do not fire for replicated rows (0 rows
+triggers of :mod:`.capture` do not fire for replicated rows (0 rows
 captured after a 100,000-row copy and a stream of writes).
 
 What PostgreSQL 15 lacks, and what is done about it:
@@ -39,7 +39,7 @@ What PostgreSQL 15 lacks, and what is done about it:
   joins (with an initial copy of its rows) at the next check once it exists.
 * **Sequences are not replicated**, which is what reconcile wants: the capture
   keeps the fallback's sequences a large step ahead of the primary's
-  (:data:`.postgres_capture.SEQUENCE_GAPS`), and replicated rows carry the
+  (:data:`.capture.SEQUENCE_GAPS`), and replicated rows carry the
   primary's ids without moving them.
 
 Privileges: ``wal_level = logical`` and a user with ``REPLICATION`` on the

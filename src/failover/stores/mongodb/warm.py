@@ -102,7 +102,7 @@ class _Stopped(Exception):
 class _Collection:
     """One synced collection: its stream (None: compared instead) and what it has done."""
 
-    __slots__ = ("name", "stream", "token", "compare", "next_compare", "copied", "drained")
+    __slots__ = ("compare", "copied", "drained", "name", "next_compare", "stream", "token")
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -24,7 +24,14 @@ from typing import Any
 
 from failover import SwitchState
 
-from ._common import KEYS, WORKLOADS, open_databases, percentile, server_pair, wait_until
+from ._common import (
+    KEYS,
+    WORKLOADS,
+    open_databases,
+    percentile,
+    server_pair,
+    wait_until,
+)
 
 CONCURRENCY = (1, 8)
 

@@ -286,3 +286,37 @@ async def test_warm_off_leaves_the_fallback_cold(mongo_pair: tuple[LocalServer, 
         assert "failover_warm" not in await raw(fallback).list_collection_names()
     finally:
         await dbs.close()
+
+
+async def test_without_change_streams_the_collections_are_compared(
+    mongo_pair: tuple[LocalServer, LocalServer], raw: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A primary whose watch() fails (a standalone mongod: code 40573): periodic comparison."""
+    from pymongo.asynchronous.collection import AsyncCollection
+    from pymongo.errors import OperationFailure
+
+    async def no_change_streams(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise OperationFailure("The $changeStream stage is only supported on replica sets", code=40573)
+
+    monkeypatch.setattr(AsyncCollection, "watch", no_change_streams)
+    primary, fallback = mongo_pair
+    p, f = raw(primary), raw(fallback)
+    await p["items"].insert_many([{"_id": i, "note": f"before {i}"} for i in range(100)])
+    dbs = await start(primary, fallback)
+    sync = dbs.store("mongodb").warm.sync  # type: ignore[union-attr]
+    sync.compare_interval = 0.3  # the default compares every 10 s
+    try:
+        await streaming(dbs)
+        assert "items" in warm(dbs)["compared_collections"], warm(dbs)
+        assert warm(dbs)["mechanism"] == "change streams + periodic comparison"
+        await dbs.mongodb.database["items"].update_one({"_id": 5}, {"$set": {"note": "changed"}})
+        await dbs.mongodb.database["items"].delete_one({"_id": 6})
+        await p["items"].insert_one({"_id": 1000, "note": "another client"})
+        deadline = time.monotonic() + 10
+        while await notes(f["items"]) != await notes(p["items"]):
+            assert time.monotonic() < deadline, "the comparison did not bring the fallback up to date"
+            await asyncio.sleep(0.05)
+        await wait_for(lambda: warm(dbs)["lag_s"] is not None and warm(dbs)["lag_s"] < 2, 10, "lag measured")
+        assert await f[JOURNAL].count_documents({}) == 0
+    finally:
+        await dbs.close()

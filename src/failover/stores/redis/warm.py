@@ -447,7 +447,9 @@ class RedisWarmSync(WarmSync):
                 if not queue:
                     await self._wakeup.wait()
                 self._idle = False
-            if self.mirror_delay:
+            if self.mirror_delay and len(queue) + len(backlog) < self.batch:
+                # Light load: let writes accumulate (a hot key is copied once per delay). Under a
+                # backlog of a batch or more, copy at once: the delay must not cap the throughput.
                 await asyncio.sleep(self.mirror_delay)
             self._drain(self.batch)
             keys = list(itertools.islice(backlog, self.batch))

@@ -60,10 +60,7 @@ def userinfo_is_ambiguous(url: str) -> bool:
     """True when the password holds a character a URL parser reads as the end of the host."""
     if _userinfo_span(url) is None:
         return False
-    try:
-        return "@" not in urlsplit(url).netloc
-    except ValueError:
-        return True
+    return "@" not in _netloc(url)
 
 
 def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:
@@ -99,11 +96,24 @@ def url_password(url: str | None) -> str | None:
     return found[0] if found else None
 
 
+def _netloc(url: str) -> str:
+    """What stands between ``scheme://`` and the path, query or fragment.
+
+    Not ``urlsplit()``: Python builds with its newer bracket check (Debian's 3.11.2 among
+    them) refuse a seed list that holds an IPv6 host (``a:1,[::1]:2``) as an invalid URL.
+    """
+    _scheme, sep, rest = url.partition("://")
+    if not sep:
+        return ""
+    for end in "/?#":
+        rest = rest.split(end, 1)[0]
+    return rest
+
+
 def url_hosts(url: str) -> list[str]:
     """Host names in *url* (several for ``mongodb://a,b,c/``), lower-cased, without ports."""
-    try:
-        netloc = urlsplit(url).netloc
-    except ValueError:
+    netloc = _netloc(url)
+    if not netloc:
         return []
     hostinfo = netloc.rpartition("@")[2]
     hosts = []

@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 from pymongo import AsyncMongoClient
 
-from failover import Databases, OutcomeUnknown, SwitchState
+from failover import Databases, SwitchState
 from failover.core.events import Event, FailoverStarted
 from failover.local import LocalServer
 from failover.stores.mongodb.capture import JOURNAL
 
 from ..helpers import fast_settings, wait_for
+from .writer import AckedWriter, Unacknowledged, missing
 
 pytestmark = pytest.mark.integration
 
@@ -69,79 +70,35 @@ async def failback(dbs: Databases, primary: LocalServer) -> None:
     await wait_for(lambda: state(dbs) is SwitchState.ON_PRIMARY, 40, "failback after reconcile")
 
 
-class _Missing(Exception):
-    """An update or delete matched nothing."""
-
-
-class Writer:
-    """Inserts, updates and deletes through failover; ``final``: each acknowledged document's
-    final ``note`` (None: deleted), ``acked``: when; unknown outcomes are left out."""
+class Writer(AckedWriter[int]):
+    """Inserts, updates and deletes of ``items`` documents through failover."""
 
     def __init__(self, dbs: Databases) -> None:
+        super().__init__()
         self.dbs = dbs
-        self.final: dict[int, str | None] = {}
-        self.acked: dict[int, float] = {}
-        self.unknown: set[int] = set()
-        self.errors: list[BaseException] = []
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.lock = asyncio.Lock()
-        """Held by each write: a check holding it sees no write in flight (and its record)."""
 
-    async def _run(self) -> None:
+    async def step(self, i: int) -> tuple[int, str | None]:
         items = self.dbs.mongodb.database["items"]
-        i = 0
-        while not self._stop.is_set():
-            i += 1
-            key = i
-            await self.lock.acquire()
-            try:
-                live = [k for k, v in self.final.items() if v is not None]
-                if i % 4 == 3 and live:
-                    key = live[(i * 7919) % len(live)]
-                    result = await items.update_one({"_id": key}, {"$set": {"note": f"u{i}"}})
-                    if result.matched_count == 0:
-                        # Not on the fallback (inserted on the primary within the failover's RPO):
-                        # the update changed nothing, and the application was told so.
-                        raise _Missing
-                    self.final[key] = f"u{i}"
-                elif i % 10 == 9 and live:
-                    key = live[(i * 104729) % len(live)]
-                    if (await items.delete_one({"_id": key})).deleted_count == 0:
-                        raise _Missing
-                    self.final[key] = None
-                else:
-                    await items.insert_one({"_id": key, "note": f"i{i}"})
-                    self.final[key] = f"i{i}"
-                self.acked[key] = time.monotonic()
-            except (OutcomeUnknown, _Missing):
-                self.unknown.add(key)
-                self.final.pop(key, None)
-            except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
-                self.errors.append(exc)
-            finally:
-                self.lock.release()
-            await asyncio.sleep(0.003)
-
-    def start(self) -> Writer:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def stop(self) -> None:
-        self._stop.set()
-        assert self._task is not None
-        await asyncio.wait_for(self._task, 30)
-
-    def expected_before(self, moment: float) -> dict[int, str | None]:
-        return {k: v for k, v in self.final.items() if self.acked[k] < moment and k not in self.unknown}
+        live = self.live()
+        if i % 4 == 3 and live:
+            self.pending = key = live[(i * 7919) % len(live)]
+            if (await items.update_one({"_id": key}, {"$set": {"note": f"u{i}"}})).matched_count == 0:
+                # Not on the fallback (inserted on the primary within the failover's RPO):
+                # the update changed nothing, and the application was told so.
+                raise Unacknowledged
+            return key, f"u{i}"
+        if i % 10 == 9 and live:
+            self.pending = key = live[(i * 104729) % len(live)]
+            if (await items.delete_one({"_id": key})).deleted_count == 0:
+                raise Unacknowledged
+            return key, None
+        self.pending = i
+        await items.insert_one({"_id": i, "note": f"i{i}"})
+        return i, f"i{i}"
 
 
 async def notes(collection: Any) -> dict[int, str]:
     return {d["_id"]: d.get("note") async for d in collection.find({})}
-
-
-def missing(expected: dict[int, str | None], actual: dict[int, str]) -> list[tuple[int, str | None, str | None]]:
-    return [(k, v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v]
 
 
 async def test_a_write_on_the_primary_is_on_the_fallback_when_the_primary_dies_within_the_reported_lag(

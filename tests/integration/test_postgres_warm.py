@@ -13,11 +13,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from failover import Databases, OutcomeUnknown, SwitchState
+from failover import Databases, SwitchState
 from failover.core.events import Event, FailoverStarted
 from failover.local import LocalServer
 
 from ..helpers import fast_settings, wait_for
+from .writer import AckedWriter, missing
 
 pytestmark = pytest.mark.integration
 
@@ -82,62 +83,25 @@ async def failback(dbs: Databases, primary: LocalServer) -> None:
     await wait_for(lambda: state(dbs) is SwitchState.ON_PRIMARY, 30, "failback after reconcile")
 
 
-class Writer:
-    """Writes through failover in a loop: inserts (default ids), updates and deletes of its own rows.
-
-    ``final`` holds each acknowledged key's final value (None: deleted); ``acked`` the monotonic
-    time of each key's last acknowledged write; keys whose last write had an unknown outcome are
-    left out of both.
-    """
+class Writer(AckedWriter[int]):
+    """Inserts (default ids), updates and deletes of its own rows through failover."""
 
     def __init__(self, dbs: Databases) -> None:
+        super().__init__()
         self.dbs = dbs
-        self.final: dict[int, str | None] = {}
-        self.acked: dict[int, float] = {}
-        self.unknown: set[int] = set()
-        self.errors: list[BaseException] = []
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
-    async def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            i += 1
-            key: int | None = None
-            try:
-                live = [k for k, v in self.final.items() if v is not None]
-                if i % 4 == 3 and live:
-                    key = live[(i * 7919) % len(live)]
-                    await self.dbs.postgres.execute("update items set note = %s where id = %s", (f"u{i}", key))
-                    self.final[key], self.acked[key] = f"u{i}", time.monotonic()
-                elif i % 10 == 9 and live:
-                    key = live[(i * 104729) % len(live)]
-                    await self.dbs.postgres.execute("delete from items where id = %s", (key,))
-                    self.final[key], self.acked[key] = None, time.monotonic()
-                else:
-                    row = await self.dbs.postgres.fetchone("insert into items (note) values (%s) returning id", (f"i{i}",))
-                    key = int(row[0])
-                    self.final[key], self.acked[key] = f"i{i}", time.monotonic()
-            except OutcomeUnknown:
-                if key is not None:
-                    self.unknown.add(key)
-                    self.final.pop(key, None)
-            except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
-                self.errors.append(exc)
-            await asyncio.sleep(0.003)
-
-    def start(self) -> Writer:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def stop(self) -> None:
-        self._stop.set()
-        assert self._task is not None
-        await asyncio.wait_for(self._task, 30)
-
-    def expected_before(self, moment: float) -> dict[int, str | None]:
-        """Final values of the keys whose last acknowledged write came before *moment*."""
-        return {k: v for k, v in self.final.items() if self.acked[k] < moment and k not in self.unknown}
+    async def step(self, i: int) -> tuple[int, str | None]:
+        live = self.live()
+        if i % 4 == 3 and live:
+            self.pending = key = live[(i * 7919) % len(live)]
+            await self.dbs.postgres.execute("update items set note = %s where id = %s", (f"u{i}", key))
+            return key, f"u{i}"
+        if i % 10 == 9 and live:
+            self.pending = key = live[(i * 104729) % len(live)]
+            await self.dbs.postgres.execute("delete from items where id = %s", (key,))
+            return key, None
+        row = await self.dbs.postgres.fetchone("insert into items (note) values (%s) returning id", (f"i{i}",))
+        return int(row[0]), f"i{i}"
 
 
 def server_errors(server: LocalServer) -> list[str]:
@@ -149,10 +113,6 @@ def server_errors(server: LocalServer) -> list[str]:
 
 def rows(server: LocalServer) -> dict[int, str]:
     return {int(k): v for k, v in sql(server, "select id, note from items")}
-
-
-def missing(expected: dict[int, str | None], actual: dict[int, str]) -> list[tuple[int, str | None, str | None]]:
-    return [(k, v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v]
 
 
 async def test_a_write_on_the_primary_is_on_the_fallback_when_the_primary_dies_within_the_reported_lag(
@@ -284,8 +244,9 @@ async def test_outage_reconcile_failback_and_a_second_outage_keep_every_acknowle
         rpo = warm(dbs)["rpo_at_last_failover_s"]
         assert rpo is not None and rpo < 1.0, warm(dbs)
         horizon = killed - max(rpo, lag) - warm(dbs)["heartbeat_interval_s"] - 0.05
-        expected = writer.expected_before(horizon)
-        served = {int(k): v for k, v in await dbs.postgres.fetch("select id, note from items")}
+        async with writer.lock:  # no write in flight whose record is not written yet
+            expected = writer.expected_before(horizon)
+            served = {int(k): v for k, v in await dbs.postgres.fetch("select id, note from items")}
         assert missing(expected, served) == [], "the fallback lacks writes made on the primary before the second outage"
         await asyncio.sleep(0.8)
         await failback(dbs, primary)

@@ -16,11 +16,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from failover import Databases, OutcomeUnknown, SwitchState
+from failover import Databases, SwitchState
 from failover.core.events import Event, FailoverStarted
 from failover.local import LocalServer
 
 from ..helpers import fast_settings, wait_for
+from .writer import AckedWriter, missing
 
 pytestmark = pytest.mark.integration
 
@@ -65,72 +66,32 @@ def pair(make_server: Callable[..., LocalServer]) -> tuple[LocalServer, LocalSer
     return make_server("redis", persistent=True), make_server("redis")
 
 
-class Writer:
-    """Writes through failover: strings set, overwritten and deleted, hashes, a counter.
-
-    ``final`` holds each acknowledged key's final value (None: deleted), ``acked`` the monotonic
-    time of its last acknowledged write; keys whose last write had an unknown outcome are left out.
-    """
+class Writer(AckedWriter[str]):
+    """Writes through failover: strings set, overwritten and deleted, and hashes."""
 
     def __init__(self, dbs: Databases, prefix: str = "w") -> None:
+        super().__init__()
         self.dbs = dbs
         self.prefix = prefix
-        self.final: dict[str, Any] = {}
-        self.acked: dict[str, float] = {}
-        self.unknown: set[str] = set()
-        self.errors: list[BaseException] = []
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.lock = asyncio.Lock()
-        """Held by each write: a check holding it sees no write in flight (and its record)."""
 
-    async def _run(self) -> None:
+    async def step(self, i: int) -> tuple[str, Any]:
         r = self.dbs.redis
-        i = 0
-        while not self._stop.is_set():
-            i += 1
-            key = f"{self.prefix}:{i}"
-            await self.lock.acquire()
-            try:
-                live = [k for k, v in self.final.items() if isinstance(v, bytes)]  # strings only: hashes stay hashes
-                if i % 4 == 3 and live:
-                    key = live[(i * 7919) % len(live)]
-                    await r.set(key, f"u{i}")
-                    self.final[key] = f"u{i}".encode()
-                elif i % 10 == 9 and live:
-                    key = live[(i * 104729) % len(live)]
-                    await r.delete(key)
-                    self.final[key] = None
-                elif i % 5 == 1:
-                    key = f"{self.prefix}:h{i % 50}"
-                    await r.hset(key, mapping={"n": i, "who": "writer"})
-                    self.final[key] = {b"n": str(i).encode(), b"who": b"writer"}
-                else:
-                    await r.set(key, f"i{i}")
-                    self.final[key] = f"i{i}".encode()
-                self.acked[key] = time.monotonic()
-            except OutcomeUnknown:
-                self.unknown.add(key)
-                self.final.pop(key, None)
-            except Exception as exc:  # noqa: BLE001 - recorded, asserted by the test
-                self.errors.append(exc)
-                self.unknown.add(key)  # its outcome is unknown too
-                self.final.pop(key, None)
-            finally:
-                self.lock.release()
-            await asyncio.sleep(0.003)
-
-    def start(self) -> Writer:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def stop(self) -> None:
-        self._stop.set()
-        assert self._task is not None
-        await asyncio.wait_for(self._task, 30)
-
-    def expected_before(self, moment: float) -> dict[str, Any]:
-        return {k: v for k, v in self.final.items() if self.acked[k] < moment and k not in self.unknown}
+        live = self.live(lambda v: isinstance(v, bytes))  # strings only: hashes stay hashes
+        if i % 4 == 3 and live:
+            self.pending = key = live[(i * 7919) % len(live)]
+            await r.set(key, f"u{i}")
+            return key, f"u{i}".encode()
+        if i % 10 == 9 and live:
+            self.pending = key = live[(i * 104729) % len(live)]
+            await r.delete(key)
+            return key, None
+        if i % 5 == 1:
+            self.pending = key = f"{self.prefix}:h{i % 50}"
+            await r.hset(key, mapping={"n": i, "who": "writer"})
+            return key, {b"n": str(i).encode(), b"who": b"writer"}
+        self.pending = key = f"{self.prefix}:{i}"
+        await r.set(key, f"i{i}")
+        return key, f"i{i}".encode()
 
 
 async def values(client: aioredis.Redis, keys: list[str]) -> dict[str, Any]:
@@ -149,10 +110,6 @@ async def values(client: aioredis.Redis, keys: list[str]) -> dict[str, Any]:
         for key, value in zip(keys, await pipe.execute()):
             out[key] = value
     return out
-
-
-def missing(expected: dict[str, Any], actual: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    return [(k, v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v]
 
 
 async def dumps(client: aioredis.Redis) -> dict[bytes, tuple[Any, bool]]:

@@ -1,0 +1,88 @@
+"""A background writer that remembers every acknowledged write, for data-continuity tests.
+
+Each store's warm-sync test subclasses :class:`AckedWriter` with one ``step`` (an insert,
+an update or a delete through failover). The base keeps the record the assertions need:
+``final`` holds each acknowledged key's final value (None: deleted) and ``acked`` the
+monotonic time of its last acknowledged write; a key whose last write had an unknown
+outcome (or failed) is left out of both. ``lock`` is held across each write and its record:
+a check that holds it sees no write in flight, so what it reads from a server and what the
+record says describe the same moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from failover import OutcomeUnknown
+
+K = TypeVar("K")
+
+
+class Unacknowledged(Exception):
+    """Raised by a step whose write was not applied (an update or delete that matched nothing)."""
+
+
+class AckedWriter(Generic[K]):
+    """Writes through failover in a loop until stopped; see the module docstring."""
+
+    pause = 0.003
+    """Seconds between writes."""
+
+    def __init__(self) -> None:
+        self.final: dict[K, Any] = {}
+        self.acked: dict[K, float] = {}
+        self.unknown: set[K] = set()
+        self.errors: list[BaseException] = []
+        self.lock = asyncio.Lock()
+        self.pending: K | None = None
+        """The key the running step writes, set by the step before it sends the write."""
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def step(self, i: int) -> tuple[K, Any]:
+        """Make write number *i*; return its key and the value it left (None: deleted)."""
+        raise NotImplementedError
+
+    def live(self, keep: Callable[[Any], bool] = lambda v: v is not None) -> list[K]:
+        """Keys whose recorded value passes *keep* (default: not deleted)."""
+        return [k for k, v in self.final.items() if keep(v)]
+
+    async def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            async with self.lock:
+                self.pending = None
+                try:
+                    key, value = await self.step(i)
+                except Exception as exc:  # noqa: BLE001 - recorded; tests assert no unexpected errors
+                    if not isinstance(exc, (OutcomeUnknown, Unacknowledged)):
+                        self.errors.append(exc)
+                    if self.pending is not None:
+                        self.unknown.add(self.pending)
+                        self.final.pop(self.pending, None)
+                else:
+                    self.final[key] = value
+                    self.acked[key] = time.monotonic()
+            await asyncio.sleep(self.pause)
+
+    def start(self) -> AckedWriter[K]:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await asyncio.wait_for(self._task, 30)
+
+    def expected_before(self, moment: float) -> dict[K, Any]:
+        """Final values of the keys whose last acknowledged write came before *moment*."""
+        return {k: v for k, v in self.final.items() if self.acked[k] < moment and k not in self.unknown}
+
+
+def missing(expected: dict[K, Any], actual: dict[K, Any]) -> list[tuple[K, Any, Any]]:
+    """``(key, expected, found)`` for each key whose value in *actual* differs."""
+    return [(k, v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v]

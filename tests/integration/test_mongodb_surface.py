@@ -44,9 +44,9 @@ async def count_on(server: LocalServer, collection: str, database: str = "app") 
 
 
 async def test_database_and_collection_methods_beyond_crud(mongo_pair: tuple[LocalServer, LocalServer]) -> None:
-    # Warm off: warm sync watches every collection of the primary, and on nx-27017 a change
-    # stream reopened on a collection just dropped can bring it back (seen once in CI), which
-    # is not what this test is about: the routed DDL methods themselves.
+    # Warm off: warm sync watches every collection of the primary, and on nx-27017 watch()
+    # creates its collection: a drop landing between the sync's existence check and its watch()
+    # can still be undone (see test_mongodb_warm). This test is about the routed DDL methods.
     dbs = await start(*mongo_pair, FAILOVER_WARM="off")
     try:
         db = dbs.mongodb.database

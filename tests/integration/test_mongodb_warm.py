@@ -277,3 +277,43 @@ async def test_without_change_streams_the_collections_are_compared(
         assert await f[JOURNAL].count_documents({}) == 0
     finally:
         await dbs.close()
+
+
+async def test_a_collection_dropped_on_the_primary_stays_dropped(
+    mongo_pair: tuple[LocalServer, LocalServer], raw: Any
+) -> None:
+    """nx-27017's watch() creates the collection it watches: the sync must not bring a drop back."""
+    from failover.stores.mongodb.warm import TOKENS, _Collection
+
+    primary, fallback = mongo_pair
+    p, f = raw(primary), raw(fallback)
+    dbs = await start(primary, fallback)
+    sync = dbs.store("mongodb").warm.sync  # type: ignore[union-attr]
+    try:
+        await streaming(dbs)
+        await dbs.mongodb.database["temp"].insert_many([{"_id": i} for i in range(20)])
+        deadline = time.monotonic() + 10
+        while await f["temp"].count_documents({}) != 20 or "temp" not in warm(dbs)["streamed_collections"]:
+            assert time.monotonic() < deadline, warm(dbs)
+            await asyncio.sleep(0.05)
+        assert await f[TOKENS].count_documents({"_id": "temp"}) == 1
+        await dbs.mongodb.database["temp"].drop()
+        # Discovery (every second) forgets it: its stream and its stored token go.
+        await wait_for(lambda: "temp" not in warm(dbs)["streamed_collections"], 5, "dropped collection forgotten")
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            assert "temp" not in await p.list_collection_names(), "the warm sync brought a dropped collection back"
+            await asyncio.sleep(0.1)
+        assert await f[TOKENS].count_documents({"_id": "temp"}) == 0
+        # A stream (re)opened after the drop, before discovery saw it: refused, nothing created.
+        assert await sync._open(sync._endpoints[0], _Collection("temp")) is False
+        assert "temp" not in await p.list_collection_names()
+        # The fallback keeps what it had (DDL is not synced); a new "temp" on the primary is copied again.
+        await dbs.mongodb.database["temp"].insert_one({"_id": "new"})
+        await wait_for(lambda: "temp" in warm(dbs)["streamed_collections"], 5, "recreated collection synced")
+        deadline = time.monotonic() + 10
+        while await f["temp"].count_documents({"_id": "new"}) != 1:
+            assert time.monotonic() < deadline, warm(dbs)
+            await asyncio.sleep(0.05)
+    finally:
+        await dbs.close()

@@ -50,9 +50,17 @@ integer ``_id`` comes back as text in ``documentKey`` (the ``fullDocument``'s
 ``_id`` is right, and it is sent for deletes too). Hence per-collection
 streams, with the ``_id`` taken from ``fullDocument`` when present.
 
-Not covered: other databases; DDL (indexes, drops: a dropped collection's
-documents stay on the fallback); a collection created on the primary joins
-within :data:`DISCOVER_INTERVAL`, with an initial copy of its own.
+Dropped collections: a ``drop``/``invalidate`` event (MongoDB) or its absence
+from the primary's list at a discovery (nx-27017 sends no event) ends its stream
+and forgets its token, and a stream is never opened on a collection the primary
+no longer lists: on nx-27017 ``watch()`` creates the collection it watches
+(measured), which would bring a just-dropped collection back. A drop within the
+instant between that check and ``watch()`` can still be undone on such a server.
+The fallback keeps a dropped collection's documents (DDL is not synced).
+
+Not covered: other databases; DDL (indexes, drops on the fallback); a collection
+created on the primary joins within :data:`DISCOVER_INTERVAL`, with an initial
+copy of its own.
 """
 
 from __future__ import annotations
@@ -263,6 +271,8 @@ class MongoWarmSync(WarmSync):
         wanted = [n for n in names if not n.startswith("system.") and n not in LIBRARY_COLLECTIONS and n != TOKENS]
         if HEARTBEAT not in wanted:
             wanted.append(HEARTBEAT)
+        for name in [n for n in self._collections if n not in wanted]:
+            await self._forget(fallback, self._collections[name])
         stored = {d["_id"]: d.get("token") async for d in self._db(fallback)[TOKENS].find({"_id": {"$in": wanted}})}
         for name in wanted:
             if name not in self._collections:
@@ -272,6 +282,17 @@ class MongoWarmSync(WarmSync):
                 self._collections[name] = coll
                 if not coll.copied:
                     self._to_copy = True
+
+    async def _forget(self, fallback: Endpoint, coll: _Collection) -> None:
+        """Stop syncing a collection the primary dropped; a new one of that name starts with a copy."""
+        logger.info("mongodb: warm sync: %s was dropped on the primary: no longer synced", coll.name)
+        self._collections.pop(coll.name, None)
+        if coll.stream is not None:
+            with contextlib.suppress(Exception):
+                await coll.stream.close()
+            coll.stream = None
+        self._check()
+        await self._db(fallback)[TOKENS].delete_one({"_id": coll.name})
 
     def _start(self) -> None:
         self._active = True
@@ -325,6 +346,7 @@ class MongoWarmSync(WarmSync):
         # The heartbeat's stream first: see below for when a heartbeat reaches the fallback.
         order = [heartbeat, *(c for c in self._collections.values() if c is not heartbeat)]
         changed: dict[str, tuple[_Collection, dict[Any, None], Any]] = {}
+        dropped: list[_Collection] = []
         self._rounds += 1
         now = time.monotonic()
         for coll in order:
@@ -334,7 +356,9 @@ class MongoWarmSync(WarmSync):
                     await self._compare(primary, fallback, coll.name)
                 continue
             if coll.stream is None:
-                await self._open(primary, coll)
+                if not await self._open(primary, coll):
+                    dropped.append(coll)
+                    continue
                 if coll.compare:
                     continue
             ids: dict[Any, None] = {}
@@ -351,6 +375,9 @@ class MongoWarmSync(WarmSync):
                     if number is not None:
                         self._held_beats.append((self._rounds, number))
                     continue
+                if event.get("operationType") in _ENDS_STREAM:
+                    dropped.append(coll)
+                    break
                 doc_id = _event_id(event)
                 if doc_id is not _NO_ID:
                     ids[doc_id] = None
@@ -361,8 +388,11 @@ class MongoWarmSync(WarmSync):
             for start in range(0, len(chunk), self.batch):
                 await self._apply(primary, fallback, name, chunk[start : start + self.batch])
                 busy = True
-            coll.token = token
-            await self._save_token(fallback, name, token)
+            if coll not in dropped:
+                coll.token = token
+                await self._save_token(fallback, name, token)
+        for coll in dropped:
+            await self._forget(fallback, coll)
         # A heartbeat read in round r is written on the fallback once every data stream has been
         # read to its end in round r or later (the heartbeat's stream is polled first in a round),
         # with the number its event carried: never a newer one read from the primary.
@@ -379,7 +409,10 @@ class MongoWarmSync(WarmSync):
             )
         return busy
 
-    async def _open(self, primary: Endpoint, coll: _Collection) -> None:
+    async def _open(self, primary: Endpoint, coll: _Collection) -> bool:
+        """Open *coll*'s stream (or mark it compared); False when the primary no longer has it."""
+        if coll.name != HEARTBEAT and coll.name not in await self._db(primary).list_collection_names():
+            return False  # watch() would create it again on some servers (see the module docstring)
         try:
             coll.stream = await self._db(primary)[coll.name].watch(
                 resume_after=coll.token, max_await_time_ms=POLL_AWAIT_MS
@@ -391,13 +424,14 @@ class MongoWarmSync(WarmSync):
                 coll.token = None
                 coll.copied = False
                 self._to_copy = True
-                return
+                return True
             logger.info("mongodb: %s cannot be watched (%s): compared every %ss", coll.name, exc.code, self.compare_interval)
             coll.compare = True
             coll.next_compare = 0.0
-            return
+            return True
         if coll.token is None:
             coll.token = coll.stream.resume_token
+        return True
 
     async def _initial_copy(self, primary: Endpoint, fallback: Endpoint) -> None:
         # The heartbeat first: a number copied before the data can only under-state the fallback.
@@ -410,8 +444,10 @@ class MongoWarmSync(WarmSync):
         self._copy_total = total
         started = time.monotonic()
         for coll in todo:
-            if coll.stream is None and not coll.compare:
-                await self._open(primary, coll)  # first: changes made during the copy are streamed after it
+            if coll.stream is None and not coll.compare and not await self._open(primary, coll):
+                await self._forget(fallback, coll)  # dropped since it was discovered
+                continue
+            # The stream is opened first: changes made during the copy are streamed after it.
             await self._compare(primary, fallback, coll.name, counting=True)
             coll.copied = True
             if coll.token is not None:
@@ -489,6 +525,7 @@ class MongoWarmSync(WarmSync):
 
 
 _NO_ID = object()
+_ENDS_STREAM = frozenset({"drop", "dropDatabase", "rename", "invalidate"})
 
 
 async def _chunks(cursor: Any, size: int) -> Any:

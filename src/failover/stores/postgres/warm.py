@@ -24,6 +24,16 @@ What PostgreSQL 15 lacks, and what is done about it:
   replica mode neither foreign-key checks nor ``ON DELETE CASCADE`` fire, so the
   replacement touches no other row (measured). ``UPDATE``/``DELETE`` of a row
   the fallback does not have are skipped by the apply worker (measured: no error).
+* **A row written on the fallback and not yet reconciled is left alone.** The
+  same trigger fires for replicated updates and deletes too, and skips any row
+  with an entry in ``failover.changes``: with several application processes,
+  one may fail back and resume the subscription while another still writes on
+  the fallback, and the primary's version must not overwrite a write that
+  reconcile has yet to copy (reconcile copies the fallback's current row: that
+  write would be lost; tested). Once reconciled, the row converges through the
+  copy reconcile writes into the primary. Under ``primary_wins`` (or
+  ``newest_wins`` deciding for the primary) reconcile writes nothing, so such a
+  row keeps the fallback's version there until the primary changes it again.
 * **The fallback is the source of truth during an outage.** At failover the
   subscription is disabled (:meth:`PostgresWarmSync.pause` returns once no
   worker of it runs), so nothing from the primary lands on the fallback while
@@ -299,36 +309,64 @@ class PostgresWarmSync(WarmSync):
             return None
 
     async def _install_apply_trigger(self, conn: AsyncConnection[Any], schema: str, table: str) -> None:
-        """The trigger that turns a replicated insert of an existing key into a replacement of the row."""
+        """The trigger through which every replicated row reaches *table* on the fallback.
+
+        It fires in logical replication workers only (``ENABLE REPLICA``): the apply worker
+        and the initial copy. A row with a write captured on this fallback and not yet
+        reconciled (a ``failover.changes`` entry: another process may still be writing here
+        after this one failed back) is left alone: the primary's version must not overwrite
+        a write reconcile has yet to copy. An insert of a key the table already has replaces
+        the row (PostgreSQL 15 has no ``origin = none``: see the module docstring).
+        """
         cur = await conn.execute(_PK_SQL, (_name(schema, table),))
         row = await cur.fetchone()
         pk = list(row[0]) if row and row[0] else []
         if not pk:
             return
+        cur = await conn.execute("select quote_ident(%s) || '.' || quote_ident(%s)", (schema, table))
+        captured_as = (await cur.fetchone() or [""])[0]  # failover.changes.tbl, as the capture writes it
         function = sql.Identifier("failover", "warm_apply_" + hashlib.md5(_name(schema, table).encode()).hexdigest()[:16])
-        match = sql.SQL(" and ").join(
-            sql.SQL("{c} = NEW.{c}").format(c=sql.Identifier(c)) for c in pk
-        )
+        match = sql.SQL(" and ").join(sql.SQL("{c} = NEW.{c}").format(c=sql.Identifier(c)) for c in pk)
+        key = sql.SQL(", ").join(sql.SQL("{name}, r.{c}").format(name=sql.Literal(c), c=sql.Identifier(c)) for c in pk)
         body = sql.SQL(
             "create or replace function {function}() returns trigger language plpgsql as $fn$\n"
+            "declare\n"
+            "    r record;\n"
             "begin\n"
-            "    -- failover warm sync: an insert of a key this table already has replaces the row\n"
-            "    -- (fires in logical replication workers only: ENABLE REPLICA)\n"
-            "    delete from {table} where {match};\n"
-            "    return NEW;\n"
+            "    -- failover warm sync; fires in logical replication workers only (ENABLE REPLICA)\n"
+            "    if TG_OP = 'INSERT' then r := NEW; else r := OLD; end if;\n"
+            "    if to_regclass('failover.changes') is not null then\n"
+            "        -- a write captured here and not yet reconciled belongs to reconcile\n"
+            "        if exists (select 1 from failover.changes where tbl = {tbl} and pk = jsonb_build_object({key})) then\n"
+            "            return null;\n"
+            "        end if;\n"
+            "    end if;\n"
+            "    if TG_OP = 'INSERT' then\n"
+            "        -- an insert of a key this table already has replaces the row\n"
+            "        delete from {table} where {match};\n"
+            "        return NEW;\n"
+            "    elsif TG_OP = 'UPDATE' then\n"
+            "        return NEW;\n"
+            "    end if;\n"
+            "    return OLD;\n"
             "end\n"
             "$fn$"
-        ).format(function=function, table=_qualified(schema, table), match=match)
+        ).format(function=function, table=_qualified(schema, table), match=match, tbl=sql.Literal(captured_as), key=key)
         async with conn.transaction():
             await conn.execute(body)
             cur = await conn.execute(
-                "select 1 from pg_trigger where tgrelid = %s::regclass and tgname = 'failover_warm_apply'",
+                "select tgtype::int & 28 = 28 from pg_trigger where tgrelid = %s::regclass and tgname = 'failover_warm_apply'",
                 (_name(schema, table),),
             )
-            if await cur.fetchone() is None:
+            found = await cur.fetchone()
+            if found is None or not found[0]:  # absent, or an older version's (before insert only)
+                await conn.execute(
+                    sql.SQL("drop trigger if exists failover_warm_apply on {table}").format(table=_qualified(schema, table))
+                )
                 await conn.execute(
                     sql.SQL(
-                        "create trigger failover_warm_apply before insert on {table} for each row execute function {function}()"
+                        "create trigger failover_warm_apply before insert or update or delete on {table} "
+                        "for each row execute function {function}()"
                     ).format(table=_qualified(schema, table), function=function)
                 )
                 await conn.execute(

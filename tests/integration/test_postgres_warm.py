@@ -38,7 +38,7 @@ def on_both(pair: tuple[LocalServer, LocalServer], statement: str) -> None:
 
 
 def state(dbs: Databases) -> SwitchState:
-    return dbs.store("postgres").switch.state
+    return dbs.store("postgres").state
 
 
 def warm(dbs: Databases) -> dict[str, Any]:
@@ -337,5 +337,51 @@ async def test_a_table_created_later_joins_with_its_rows_and_a_table_missing_on_
         await wait_for(lambda: sql(fallback, "select count(*) from later")[0][0] == 501, 10, "streamed")
         assert warm(dbs)["missing_on_fallback"] == []
         assert subscription(fallback)["apply_errors"] == 0 and subscription(fallback)["sync_errors"] == 0
+    finally:
+        await dbs.close()
+
+
+async def test_the_subscription_leaves_rows_written_on_the_fallback_until_they_are_reconciled(
+    pg_pair: tuple[LocalServer, LocalServer],
+) -> None:
+    """Several processes share the pair: one fails back and resumes the subscription while another
+    still writes on the fallback. The primary's version must not overwrite such a write before
+    reconcile has copied it (it would be lost: reconcile copies the fallback's current row)."""
+    from failover.stores.postgres.capture import _LOCK_KEY
+
+    primary, fallback = pg_pair
+    on_both(pg_pair, ITEMS)
+    sql(primary, "insert into items (id, note) values (1, 'one'), (2, 'two')")
+    dbs = await start(pg_pair)
+    try:
+        await streaming(dbs)
+        await wait_for(lambda: rows(fallback) == rows(primary), 10, "initial copy")
+        base = subscription(fallback)
+        with psycopg.connect(fallback.url, connect_timeout=3, autocommit=True) as holder:
+            holder.execute("select pg_advisory_lock(%s)", (_LOCK_KEY,))  # no reconcile run meanwhile
+            # Another process, still on the fallback, writes there (captured for reconcile) ...
+            sql(fallback, "update items set note = 'fallback' where id = 1")
+            assert sql(fallback, "select count(*) from failover.changes")[0][0] == 1
+            # ... while the primary changes the same row, another row, and adds one.
+            sql(primary, "update items set note = 'primary' where id = 1")
+            sql(primary, "update items set note = 'primary' where id = 2")
+            sql(primary, "insert into items (id, note) values (3, 'three')")
+            await wait_for(lambda: rows(fallback).get(3) == "three", 10, "the primary's later insert streamed")
+            assert rows(fallback) == {1: "fallback", 2: "primary", 3: "three"}
+            # A delete and a re-insert of that key on the primary leave it alone too.
+            sql(primary, "delete from items where id = 1")
+            sql(primary, "insert into items (id, note) values (1, 'primary again'), (4, 'four')")
+            await wait_for(lambda: 4 in rows(fallback), 10, "the primary's later insert streamed")
+            assert rows(fallback)[1] == "fallback"
+            sub = subscription(fallback)
+            assert (sub["apply_errors"], sub["sync_errors"]) == (base["apply_errors"], base["sync_errors"]), (
+                sub,
+                server_errors(fallback),
+            )
+        # Lock released: a sweep reconciles row 1 (the fallback's write wins by default), and the
+        # copy into the primary streams back: both sides agree.
+        await wait_for(lambda: sql(fallback, "select count(*) from failover.changes")[0][0] == 0, 15, "reconciled")
+        await wait_for(lambda: rows(fallback) == rows(primary), 10, "fallback equal to primary")
+        assert rows(primary) == {1: "fallback", 2: "primary", 3: "three", 4: "four"}
     finally:
         await dbs.close()

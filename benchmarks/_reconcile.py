@@ -42,12 +42,12 @@ async def write_hold(
         load = Traffic(make_write(dbs), WRITERS, 0.002).start()
         try:
             for _ in range(cycles):
-                await wait_until(lambda: failover.switch.state is SwitchState.ON_PRIMARY, 60, "on the primary")
+                await wait_until(lambda: failover.state is SwitchState.ON_PRIMARY, 60, "on the primary")
                 await asyncio.to_thread(primary.kill)
-                await wait_until(lambda: failover.switch.state is SwitchState.ON_FALLBACK, 10, "failover")
+                await wait_until(lambda: failover.state is SwitchState.ON_FALLBACK, 10, "failover")
                 await asyncio.sleep(OUTAGE_S)  # the outage: writes land on the fallback
                 await asyncio.to_thread(primary.start)
-            await wait_until(lambda: failover.switch.state is SwitchState.ON_PRIMARY, 60, "final failback")
+            await wait_until(lambda: failover.state is SwitchState.ON_PRIMARY, 60, "final failback")
         finally:
             await load.stop()
             await dbs.close()

@@ -103,7 +103,7 @@ async def _crash(store: str, dbs: Any, primary: Any, fallback: Any) -> dict[str,
     killed = time.monotonic()
     await asyncio.to_thread(primary.kill)
     failover = dbs.store(store)
-    await wait_until(lambda: failover.switch.state is SwitchState.ON_FALLBACK, 15, "failover")
+    await wait_until(lambda: failover.state is SwitchState.ON_FALLBACK, 15, "failover")
     stop.set()
     await asyncio.gather(*tasks)
     before_kill = {k for k, at in acked.items() if at < killed}

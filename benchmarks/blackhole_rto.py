@@ -31,7 +31,7 @@ async def run_store(store: str, repetitions: int) -> dict[str, Any]:
             await workload.prepare(server.url)
         async with FaultProxy(primary.port) as proxy:
             dbs = await open_databases(store, proxied_url(primary.url, proxy.port), fallback.url)
-            switch = dbs.store(store).switch
+            switch = dbs.store(store)
             times = SwitchTimes(dbs, store)
             load = Traffic(workload.via(dbs), WORKERS, PAUSE).start()
             detection: list[float] = []

@@ -30,7 +30,7 @@ async def run_store(store: str, repetitions: int) -> dict[str, Any]:
         for server in (primary, fallback):
             await workload.prepare(server.url)
         dbs = await open_databases(store, primary.url, fallback.url)
-        switch = dbs.store(store).switch
+        switch = dbs.store(store)
         times = SwitchTimes(dbs, store)
         load = Traffic(workload.via(dbs), WORKERS, PAUSE).start()
         rtos: list[float] = []

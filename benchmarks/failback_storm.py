@@ -33,7 +33,7 @@ async def run_once(store: str) -> dict[str, Any]:
             await workload.prepare(server.url)
         async with FaultProxy(primary.port) as p_proxy, FaultProxy(fallback.port) as f_proxy:
             dbs = await open_databases(store, proxied_url(primary.url, p_proxy.port), proxied_url(fallback.url, f_proxy.port))
-            switch = dbs.store(store).switch
+            switch = dbs.store(store)
             load = Traffic(workload.via(dbs), CLIENTS, pause=0.001).start()
             try:
                 await wait_until(lambda: len(load.outcomes) > CLIENTS, 30, "traffic")

@@ -161,7 +161,7 @@ async def _redis_clients(primary_url: str, fallback_url: str) -> list[Client]:
 
 
 def _failover_client(dbs: Any, store: str, ops: dict[str, Op]) -> Client:
-    switch = dbs.store(store).switch
+    switch = dbs.store(store)
 
     async def on_primary() -> bool:
         return switch.state is SwitchState.ON_PRIMARY

@@ -68,9 +68,9 @@ async def throughput(docs: int, batch: int) -> dict[str, Any]:
                     [{"_id": i, "note": f"document {i}", "n": i} for i in range(start, min(docs, start + 1000))]
                 )
             await asyncio.to_thread(primary.start)
-            await wait_until(lambda: store.switch.state is SwitchState.RECONCILING, 30, "reconciling")
+            await wait_until(lambda: store.state is SwitchState.RECONCILING, 30, "reconciling")
             started = time.monotonic()
-            await wait_until(lambda: store.switch.state is SwitchState.ON_PRIMARY, 900, "failback")
+            await wait_until(lambda: store.state is SwitchState.ON_PRIMARY, 900, "failback")
             elapsed = time.monotonic() - started
         finally:
             await dbs.close()

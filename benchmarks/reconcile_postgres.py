@@ -55,9 +55,9 @@ async def throughput(rows: int, batch: int) -> dict[str, Any]:
                     "insert into bench_items select g, md5(g::text), g from generate_series(1, %s) g", (rows,)
                 )
             await asyncio.to_thread(primary.start)
-            await wait_until(lambda: store.switch.state is SwitchState.RECONCILING, 30, "reconciling")
+            await wait_until(lambda: store.state is SwitchState.RECONCILING, 30, "reconciling")
             started = time.monotonic()
-            await wait_until(lambda: store.switch.state is SwitchState.ON_PRIMARY, 600, "failback")
+            await wait_until(lambda: store.state is SwitchState.ON_PRIMARY, 600, "failback")
             elapsed = time.monotonic() - started
         finally:
             await dbs.close()

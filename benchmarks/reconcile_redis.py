@@ -63,12 +63,12 @@ async def throughput(keys: int, batch: int) -> dict[str, Any]:
         store = dbs.store("redis")
         try:
             await asyncio.to_thread(primary.kill)
-            await wait_until(lambda: store.switch.state is SwitchState.ON_FALLBACK, 30, "failover")
+            await wait_until(lambda: store.state is SwitchState.ON_FALLBACK, 30, "failover")
             await _write_outage(dbs, keys)
             await asyncio.to_thread(primary.start)
-            await wait_until(lambda: store.switch.state is SwitchState.RECONCILING, 30, "reconciling")
+            await wait_until(lambda: store.state is SwitchState.RECONCILING, 30, "reconciling")
             started = time.monotonic()
-            await wait_until(lambda: store.switch.state is SwitchState.ON_PRIMARY, 600, "failback")
+            await wait_until(lambda: store.state is SwitchState.ON_PRIMARY, 600, "failback")
             elapsed = time.monotonic() - started
         finally:
             await dbs.close()
@@ -94,11 +94,11 @@ async def big_key(fields: int) -> dict[str, Any]:
         store = dbs.store("redis")
         try:
             await asyncio.to_thread(primary.kill)
-            await wait_until(lambda: store.switch.state is SwitchState.ON_FALLBACK, 30, "failover")
+            await wait_until(lambda: store.state is SwitchState.ON_FALLBACK, 30, "failover")
             for start in range(0, fields, 5000):
                 await dbs.redis.hset("big", mapping={f"f{i}": i for i in range(start, min(fields, start + 5000))})
             await asyncio.to_thread(primary.start)
-            await wait_until(lambda: store.switch.state is SwitchState.ON_PRIMARY, 600, "failback")
+            await wait_until(lambda: store.state is SwitchState.ON_PRIMARY, 600, "failback")
         finally:
             await dbs.close()
         client = aioredis.Redis.from_url(primary.url)

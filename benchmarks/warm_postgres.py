@@ -150,7 +150,7 @@ async def _crash(dbs: Any, primary: Any, fallback: Any) -> dict[str, Any]:
     killed = time.monotonic()
     await asyncio.to_thread(primary.kill)
     store = dbs.store("postgres")
-    await wait_until(lambda: store.switch.state is SwitchState.ON_FALLBACK, 15, "failover")
+    await wait_until(lambda: store.state is SwitchState.ON_FALLBACK, 15, "failover")
     stop.set()
     await asyncio.gather(*tasks)
     before_kill = {k for k, at in acked.items() if at < killed}

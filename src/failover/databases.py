@@ -141,7 +141,7 @@ class Databases:
 
     def pin(self, store: str, role: Role | str | None) -> None:
         """Force *store* onto ``primary`` or ``fallback``; ``None`` returns it to automatic mode."""
-        self.store(store).switch.pin(Role(role) if role is not None else None)
+        self.store(store).pin(Role(role) if role is not None else None)
 
     async def conflicts(self, store: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Recorded reconcile conflicts, newest first, of *store* (or of every store).

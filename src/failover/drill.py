@@ -485,9 +485,9 @@ async def run_drill(
 
         unsubscribe = dbs.subscribe(on_event)
         await dbs.start()
-        switch = dbs.store(store).switch
+        switch = dbs.store(store)
         traffic: Traffic[str] = Traffic(lambda write_id: probe.write(dbs, run, write_id), workers, keys=write_ids)
-        switches_before = switch.switches
+        switches_before = switch.snapshot().counters["switches"]
         try:
             if switch.state is not SwitchState.ON_PRIMARY:
                 raise RuntimeError(f"{store} does not start on its primary ({switch.state}); is the primary up?")
@@ -503,7 +503,7 @@ async def run_drill(
             await _pause(settle)
         finally:
             await traffic.stop()
-            switches = switch.switches - switches_before
+            switches = switch.snapshot().counters["switches"] - switches_before
             transitions = [t for t in reversed(dbs.store(store).status()["transitions"])]
             await dbs.close()
             unsubscribe()

@@ -30,7 +30,7 @@ async def main() -> int:
     args = parser.parse_args()
     dbs = Databases(Settings(_env_file=None))  # type: ignore[call-arg]
     await dbs.start()
-    print("started", dbs.store("postgres").switch.state, flush=True)
+    print("started", dbs.store("postgres").state, flush=True)
     try:
         if args.writer is not None:
             acks = open(args.acks, "a", buffering=1)  # noqa: SIM115 - line-buffered on purpose
@@ -53,9 +53,9 @@ async def main() -> int:
             acks.close()
         if args.until_primary or args.writer is not None:
             ends = time.monotonic() + args.timeout
-            while dbs.store("postgres").switch.state is not SwitchState.ON_PRIMARY:
+            while dbs.store("postgres").state is not SwitchState.ON_PRIMARY:
                 if time.monotonic() > ends:
-                    print("timeout", dbs.store("postgres").switch.state, flush=True)
+                    print("timeout", dbs.store("postgres").state, flush=True)
                     return 1
                 await asyncio.sleep(0.05)
             print("done", flush=True)

@@ -70,7 +70,7 @@ async def test_one_store_fails_over_the_others_stay_on_their_primaries(everythin
 
     await asyncio.to_thread(servers[(victim, "primary")].kill)
     await exercise(dbs, 2)  # the victim's operations move, the others' stay
-    await wait_for(lambda: dbs.store(victim).switch.state is SwitchState.ON_FALLBACK, 3, f"{victim} failover")
+    await wait_for(lambda: dbs.store(victim).state is SwitchState.ON_FALLBACK, 3, f"{victim} failover")
     status = dbs.status()
     check_seed_shape(status)
     assert status["overall_status"] == "degraded"

@@ -58,7 +58,7 @@ async def raw() -> AsyncIterator[Any]:
 
 
 def _state(dbs: Databases) -> SwitchState:
-    return dbs.store("mongodb").switch.state
+    return dbs.store("mongodb").state
 
 
 def _mixed_traffic(dbs: Databases, collection: str = "traffic") -> Traffic:
@@ -241,8 +241,8 @@ async def test_failback_only_after_the_delay(mongo_pair: tuple[LocalServer, Loca
     traffic = _mixed_traffic(dbs, "failback").start()
     try:
         await asyncio.to_thread(primary.start)
-        await wait_for(lambda: bool(store.health[Role.PRIMARY].healthy), 5, "the primary healthy again")
-        healthy_since = store.health[Role.PRIMARY].healthy_since
+        await wait_for(lambda: bool(store._health[Role.PRIMARY].healthy), 5, "the primary healthy again")
+        healthy_since = store._health[Role.PRIMARY].healthy_since
         assert healthy_since is not None
         # Poll the state until the failback; remember when it was last seen on the fallback.
         last_on_fallback = time.monotonic()

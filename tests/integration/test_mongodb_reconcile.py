@@ -58,7 +58,7 @@ async def raw() -> AsyncIterator[Any]:
 
 
 def _state(dbs: Databases) -> SwitchState:
-    return dbs.store("mongodb").switch.state
+    return dbs.store("mongodb").state
 
 
 async def _outage(dbs: Databases, primary: LocalServer) -> None:
@@ -327,7 +327,7 @@ async def test_two_instances_share_the_pair(mongo_pair: tuple[LocalServer, Local
         primary.start()
         await wait_for(lambda: _state(first) is SwitchState.ON_PRIMARY, FAILBACK, "the first instance fails back")
         await second.mongodb.database["docs"].insert_one({"_id": "late"})
-        assert second.mongodb.failover.switch.active_role is Role.FALLBACK
+        assert second.mongodb.failover.active_role is Role.FALLBACK
         # The first instance, on the primary, sweeps what the second left on the fallback.
         async def present() -> bool:
             return await raw(primary)["docs"].count_documents({}) == 601

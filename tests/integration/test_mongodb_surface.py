@@ -32,7 +32,7 @@ async def start(primary: LocalServer, fallback: LocalServer, **extra: Any) -> Da
 
 
 def state(dbs: Databases) -> SwitchState:
-    return dbs.store("mongodb").switch.state
+    return dbs.store("mongodb").state
 
 
 async def count_on(server: LocalServer, collection: str, database: str = "app") -> int:

@@ -41,7 +41,7 @@ async def raw() -> AsyncIterator[Any]:
 
 
 def state(dbs: Databases) -> SwitchState:
-    return dbs.store("mongodb").switch.state
+    return dbs.store("mongodb").state
 
 
 def warm(dbs: Databases) -> dict[str, Any]:

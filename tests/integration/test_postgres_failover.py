@@ -44,7 +44,7 @@ def prepare(*servers: LocalServer) -> None:
 
 
 def state(dbs: Databases) -> SwitchState:
-    return dbs.store("postgres").switch.state
+    return dbs.store("postgres").state
 
 
 async def databases(primary: LocalServer | None, fallback: LocalServer | None, **overrides: Any) -> Databases:

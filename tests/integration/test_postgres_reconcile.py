@@ -44,7 +44,7 @@ def on_both(pair: tuple[LocalServer, LocalServer], statement: str) -> None:
 
 
 def state(dbs: Databases) -> SwitchState:
-    return dbs.store("postgres").switch.state
+    return dbs.store("postgres").state
 
 
 async def start(pair: tuple[LocalServer, LocalServer], **overrides: Any) -> Databases:

@@ -40,7 +40,7 @@ async def raw(server: LocalServer | str, *args: Any) -> Any:
 
 
 def state(dbs: Databases) -> SwitchState:
-    return dbs.store("redis").switch.state
+    return dbs.store("redis").state
 
 
 async def databases(primary: LocalServer | str | None, fallback: LocalServer | str | None, **overrides: Any) -> Databases:

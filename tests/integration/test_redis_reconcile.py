@@ -38,7 +38,7 @@ def raw(server: LocalServer) -> aioredis.Redis:
 
 
 def state(dbs: Databases) -> SwitchState:
-    return dbs.store("redis").switch.state
+    return dbs.store("redis").state
 
 
 async def databases(primary: LocalServer, fallback: LocalServer, **overrides: Any) -> Databases:

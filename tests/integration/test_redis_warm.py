@@ -31,7 +31,7 @@ def raw(server: LocalServer) -> aioredis.Redis:
 
 
 def state(dbs: Databases) -> SwitchState:
-    return dbs.store("redis").switch.state
+    return dbs.store("redis").state
 
 
 def warm(dbs: Databases) -> dict[str, Any]:

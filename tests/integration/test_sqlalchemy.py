@@ -74,7 +74,7 @@ async def databases(primary_url: str, fallback_url: str, **overrides: Any) -> Da
 
 
 def state(dbs: Databases) -> SwitchState:
-    return dbs.store("postgres").switch.state
+    return dbs.store("postgres").state
 
 
 async def test_orm_core_and_session_begin_work_unchanged_and_follow_a_failover(pg_pair: Pair) -> None:

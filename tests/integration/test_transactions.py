@@ -54,7 +54,7 @@ async def databases(primary_url: str, fallback_url: str, **overrides: Any) -> Da
 
 
 def state(dbs: Databases) -> SwitchState:
-    return dbs.store("postgres").switch.state
+    return dbs.store("postgres").state
 
 
 async def insert(conn: psycopg.AsyncConnection[Any], item: int) -> int:

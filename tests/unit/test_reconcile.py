@@ -187,12 +187,12 @@ async def store_with(capture: MemoryCapture, **overrides: Any) -> FailoverStore[
 
 async def settle(store: FailoverStore[None], state: SwitchState) -> None:
     async with asyncio.timeout(5):
-        while store.switch.state is not state or (store.reconciler and store.reconciler.running):
+        while store.state is not state or (store.reconciler and store.reconciler.running):
             await asyncio.sleep(0.001)
 
 
 async def on_fallback_with_writes(capture: MemoryCapture, store: FailoverStore[None]) -> None:
-    store.switch.pin(Role.FALLBACK)
+    store.pin(Role.FALLBACK)
     capture.write("a", 1)
     capture.write("b", 2)
     capture.write("a", 3)
@@ -208,8 +208,8 @@ async def test_failback_passes_through_reconciling_and_copies_final_states() -> 
     store.bus.subscribe(events.append)
     try:
         await on_fallback_with_writes(capture, store)
-        store.switch.pin(None)
-        assert store.switch.state is SwitchState.RECONCILING
+        store.pin(None)
+        assert store.state is SwitchState.RECONCILING
         await settle(store, SwitchState.ON_PRIMARY)
         assert capture.primary == {"a": 3, "b": 2}
         assert capture.log == {}
@@ -227,10 +227,10 @@ async def test_a_conflict_is_resolved_by_policy_and_announced() -> None:
     store.bus.subscribe(events.append)
     try:
         capture.primary["k"] = capture.fallback["k"] = "v0"
-        store.switch.pin(Role.FALLBACK)
+        store.pin(Role.FALLBACK)
         capture.write("k", "fallback")
         capture.primary["k"] = "primary"  # changed on the primary after we left
-        store.switch.pin(None)
+        store.pin(None)
         await settle(store, SwitchState.ON_PRIMARY)
         assert capture.primary["k"] == "primary"
         assert [e.resolution for e in events if isinstance(e, ConflictResolved)] == ["primary_kept"]
@@ -245,7 +245,7 @@ async def test_a_hold_that_runs_out_keeps_traffic_on_the_fallback() -> None:
     try:
         await on_fallback_with_writes(capture, store)
         capture.slow = 0.5  # the final batch cannot fit in the hold
-        store.switch.pin(None)
+        store.pin(None)
         await settle(store, SwitchState.ON_FALLBACK)
         assert store.status()["reconcile"]["last_run"]["result"].startswith("the final catch-up did not fit")
         assert not store.admission.held  # the gate opened on time
@@ -263,7 +263,7 @@ async def test_a_failing_copy_keeps_traffic_on_the_fallback_and_says_why() -> No
     try:
         await on_fallback_with_writes(capture, store)
         capture.fail = RuntimeError("copy failed for postgresql://u:hunter2@db.x.supabase.co/db")
-        store.switch.pin(None)
+        store.pin(None)
         await settle(store, SwitchState.ON_FALLBACK)
         error = store.status()["reconcile"]["error"]
         assert "copy failed" in error and "hunter2" not in error
@@ -278,11 +278,11 @@ async def test_another_process_holding_the_lock_keeps_this_one_reconciling() -> 
     try:
         await on_fallback_with_writes(capture, store)
         capture.lock_free = False
-        store.switch.pin(None)
+        store.pin(None)
         async with asyncio.timeout(5):
             while store.reconciler is None or store.reconciler.running or store.reconciler.state != "waiting_for_lock":
                 await asyncio.sleep(0.001)
-        assert store.switch.state is SwitchState.RECONCILING
+        assert store.state is SwitchState.RECONCILING
         capture.lock_free = True
         await store.probe_round()
         await settle(store, SwitchState.ON_PRIMARY)

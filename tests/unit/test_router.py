@@ -126,7 +126,7 @@ async def test_not_sent_is_retried_on_the_fallback_and_trips_the_breaker() -> No
 
         served = last_served()
         assert served is not None and served.role is Role.FALLBACK
-        assert store.switch.state is SwitchState.ON_FALLBACK
+        assert store.state is SwitchState.ON_FALLBACK
         assert any(isinstance(e, OperationRetried) for e in store.bus.recent)
         await asyncio.sleep(0)  # let the drain task run
         assert Role.PRIMARY in backend.drained
@@ -175,7 +175,7 @@ async def test_application_errors_pass_through_and_do_not_trip() -> None:
     try:
         with pytest.raises(AppError):
             await store.run(op)
-        assert store.switch.state is SwitchState.ON_PRIMARY
+        assert store.state is SwitchState.ON_PRIMARY
     finally:
         await store.close()
 
@@ -233,8 +233,8 @@ async def test_a_hung_read_moves_to_the_fallback_and_a_failed_probe_trips_the_br
         await advance(store, 0.1)  # the suspicion point (half the probe timeout): a probe starts, and hangs
         await until(lambda: backend.probes_hanging[Role.PRIMARY] == 1, "confirmation probe waiting")
         await advance(store, 0.2)  # the probe times out: the breaker trips
-        await until(lambda: store.switch.state is SwitchState.ON_FALLBACK, "failover")
-        assert "probe timed out" in store.health[Role.PRIMARY].reason
+        await until(lambda: store.state is SwitchState.ON_FALLBACK, "failover")
+        assert "probe timed out" in store._health[Role.PRIMARY].reason
         assert not task.done()  # the read still waits for its own attempt deadline (half its budget)
         await advance(store, 0.2)
         assert await task == "fallback answered"
@@ -263,8 +263,8 @@ async def test_a_slow_operation_on_a_healthy_server_does_not_switch() -> None:
         with pytest.raises(OperationTimeout):
             await task
         await until(lambda: confirmations() == 2, "confirmation after the timeout")
-        assert store.switch.state is SwitchState.ON_PRIMARY
-        assert store.health[Role.PRIMARY].healthy is True
+        assert store.state is SwitchState.ON_PRIMARY
+        assert store._health[Role.PRIMARY].healthy is True
     finally:
         await store.close()
 
@@ -306,7 +306,7 @@ async def test_a_busy_pool_on_a_healthy_server_reaches_the_caller_and_moves_noth
         with pytest.raises(Busy):
             await store.run(op, idempotent=True)
         assert calls == [Role.PRIMARY]
-        assert store.switch.state is SwitchState.ON_PRIMARY
+        assert store.state is SwitchState.ON_PRIMARY
     finally:
         await store.close()
 
@@ -326,6 +326,6 @@ async def test_a_pool_held_by_a_hung_server_follows_the_switch() -> None:
         await until(lambda: backend.probes_hanging[Role.PRIMARY] == 1, "confirmation probe waiting")
         await advance(store, 0.2)  # the confirmation probe times out: the breaker trips
         assert await task == "fallback"
-        assert store.switch.state is SwitchState.ON_FALLBACK
+        assert store.state is SwitchState.ON_FALLBACK
     finally:
         await store.close()

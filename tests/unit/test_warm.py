@@ -81,13 +81,13 @@ async def test_the_sync_runs_on_the_primary_only_and_resumes_after_failback() ->
         assert store.warm is not None
         await until(lambda: store.status()["warm"]["state"] == "streaming", "streaming")
         assert sync.calls == ["setup"]
-        store.switch.pin(Role.FALLBACK)  # the fallback takes writes: nothing may write into it
+        store.pin(Role.FALLBACK)  # the fallback takes writes: nothing may write into it
         await until(lambda: "pause" in sync.calls, "paused")
         await until(lambda: not store.warm.running, "stopped")
         doc = store.status()["warm"]
         assert doc["state"] == "off" and doc["lag_s"] is None and "warm sync stopped" in doc["reason"]
-        store.switch.pin(None)
-        assert store.switch.state is SwitchState.ON_PRIMARY
+        store.pin(None)
+        assert store.state is SwitchState.ON_PRIMARY
         await until(lambda: "resume" in sync.calls, "resumed")
         assert sync.calls == ["setup", "pause", "resume"]  # no second setup: no new initial copy
     finally:
@@ -132,7 +132,7 @@ async def test_a_failover_records_the_lag_when_the_primary_was_last_seen_as_its_
         store.warm._wake.set()  # type: ignore[union-attr]
         await eventually(lambda: sync.beats >= 2, "a heartbeat the fallback misses")
         await asyncio.sleep(0.01)
-        store.switch.pin(Role.FALLBACK)
+        store.pin(Role.FALLBACK)
         failovers = [e for e in events if isinstance(e, FailoverStarted)]
         assert failovers and failovers[0].rpo_s is not None and failovers[0].rpo_s > 0
         # The tick under way polls the fallback for the missed heartbeat; it gives up at the transition.
@@ -176,7 +176,7 @@ async def test_a_process_starting_on_the_fallback_stops_a_sync_another_process_l
     sync = FakeSync()
     store = await store_with(sync, primary_up=False)
     try:
-        assert store.switch.state is SwitchState.ON_FALLBACK
+        assert store.state is SwitchState.ON_FALLBACK
         await eventually(lambda: sync.calls == ["pause"], "paused")
         doc = store.status()["warm"]
         assert doc["state"] == "off" and "starts once it runs on its primary" in doc["reason"]

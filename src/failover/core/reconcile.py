@@ -387,7 +387,7 @@ class Reconciler:
 
     async def _run(self) -> None:
         store = self._store
-        gate = store.switch.state is SwitchState.RECONCILING  # else: a sweep while on the primary
+        gate = store.state is SwitchState.RECONCILING  # else: a sweep while on the primary
         started_wall = store.clock.wall()
         started = time.monotonic()
         applied = conflicts = 0
@@ -402,7 +402,7 @@ class Reconciler:
                 store.bus.emit(ReconcileStarted(store=store.name, at=started_wall, backlog=self.backlog or 0, gated=gate))
                 self.state = "draining"
                 while True:
-                    if gate and store.switch.state is not SwitchState.RECONCILING:
+                    if gate and store.state is not SwitchState.RECONCILING:
                         result = "interrupted: the store left RECONCILING"
                         return
                     backlog = await self._step(self.capture.backlog(self._fallback))
@@ -422,7 +422,7 @@ class Reconciler:
                     conflicts += c
                     if not ok:
                         result = f"the final catch-up did not fit in the {self.hold:g}s hold; traffic stays on the fallback"
-                        store.switch.finish_reconcile(False, "reconcile hold ran out", TransitionCause.HOLD_RAN_OUT)
+                        store._switch.finish_reconcile(False, "reconcile hold ran out", TransitionCause.HOLD_RAN_OUT)
                         return
                 self.backlog = 0
                 result = "completed"
@@ -437,7 +437,7 @@ class Reconciler:
             result = f"failed: {self.last_error}"
             logger.warning("%s: reconcile failed, traffic stays on the fallback: %s", store.name, self.last_error)
             if gate:
-                store.switch.finish_reconcile(False, f"reconcile failed: {self.last_error}")
+                store._switch.finish_reconcile(False, f"reconcile failed: {self.last_error}")
         finally:
             duration = time.monotonic() - started
             if applied:
@@ -519,8 +519,8 @@ class Reconciler:
             task = asyncio.get_running_loop().create_task(catch_up(), name=f"failover-{store.name}-catch-up")
             done, _pending = await asyncio.wait({task}, timeout=self.hold)
             if task in done and task.exception() is None:
-                store.switch.finish_reconcile(True, "reconciled: every write made on the fallback is on the primary")
-                ok = store.switch.state is SwitchState.ON_PRIMARY
+                store._switch.finish_reconcile(True, "reconciled: every write made on the fallback is on the primary")
+                ok = store.state is SwitchState.ON_PRIMARY
             elif task in done:
                 raise task.exception()  # type: ignore[misc]
             else:

@@ -167,7 +167,7 @@ class FailoverStore(Generic[ClientT]):
         self.bus = bus or EventBus()
         self.clock = clock or SystemClock()
         self.endpoints: dict[Role, Endpoint] = {ep.role: ep for ep in endpoints}
-        self.health: dict[Role, EndpointHealth] = {
+        self._health: dict[Role, EndpointHealth] = {
             ep.role: EndpointHealth(
                 ep,
                 unhealthy_threshold=options.unhealthy_threshold,
@@ -178,10 +178,10 @@ class FailoverStore(Generic[ClientT]):
             )
             for ep in endpoints
         }
-        self.switch = Switch(
+        self._switch = Switch(
             self.name,
-            self.health.get(Role.PRIMARY),
-            self.health.get(Role.FALLBACK),
+            self._health.get(Role.PRIMARY),
+            self._health.get(Role.FALLBACK),
             failback_delay=options.failback_delay,
             clock=self.clock,
             bus=self.bus,
@@ -193,7 +193,7 @@ class FailoverStore(Generic[ClientT]):
         """Keeps every attempt of this store (operations, probes) on time, from one timer."""
         self.admission = Admission()
         self.reconciler: Reconciler | None = None
-        if capture is not None and self.switch.reconcile_gate:
+        if capture is not None and self._switch.reconcile_gate:
             self.reconciler = Reconciler(
                 self,
                 capture,
@@ -204,8 +204,8 @@ class FailoverStore(Generic[ClientT]):
         self.warm: WarmDriver | None = None
         if warm is not None and len(endpoints) == 2:
             self.warm = WarmDriver(self, warm, interval=min(options.probe_interval, 1.0))
-            self.switch.lag_at_failover = self.warm.lag_at_failover
-        self.counters = {"operations": 0, "retries": 0, "errors": 0}
+            self._switch.lag_at_failover = self.warm.lag_at_failover
+        self._counters = {"operations": 0, "retries": 0, "errors": 0}
         self._started = False
         self._closed = False
         self._confirming: dict[Role, asyncio.Task[Any]] = {}
@@ -222,12 +222,12 @@ class FailoverStore(Generic[ClientT]):
             await self.backend.open(endpoint)
         await self.probe_round(evaluate=False)
         backlog = await self._prepare_reconcile()
-        self.switch.initialize(reconcile_first=bool(backlog))
-        if self.switch.state is SwitchState.RECONCILING and self.reconciler is not None:
+        self._switch.initialize(reconcile_first=bool(backlog))
+        if self._switch.state is SwitchState.RECONCILING and self.reconciler is not None:
             self.reconciler.kick()
         # Pools are filled only for endpoints that answered: a dead endpoint's pool
         # would spend its life reconnecting in the background.
-        usable = [h.endpoint for h in self.health.values() if h.healthy]
+        usable = [h.endpoint for h in self._health.values() if h.healthy]
         results = await asyncio.gather(
             *(self.backend.warm(ep, self.options.probe_timeout) for ep in usable), return_exceptions=True
         )
@@ -287,30 +287,30 @@ class FailoverStore(Generic[ClientT]):
         roles = list(self.endpoints)
         results = await asyncio.gather(*(self.probe(role) for role in roles))
         for result in results:
-            self.health[result.role].record_probe(result)
+            self._health[result.role].record_probe(result)
         if not evaluate:
             return
         self._refresh_capture()
-        primary = self.health.get(Role.PRIMARY)
+        primary = self._health.get(Role.PRIMARY)
         if (
-            self.switch.state is SwitchState.ON_FALLBACK
-            and self.switch.pinned is None
+            self._switch.state is SwitchState.ON_FALLBACK
+            and self._switch.pinned is None
             and primary is not None
             and primary.healthy
-            and primary.healthy_for() >= self.switch.failback_delay
+            and primary.healthy_for() >= self._switch.failback_delay
         ):
             # Open the primary's pool before traffic lands on it.
             try:
                 await self.backend.warm(primary.endpoint, self.options.probe_timeout)
             except Exception as exc:
                 logger.warning("warming %s %s failed: %s", self.name, primary.endpoint.name, self.describe(primary.endpoint, exc))
-                self.switch.evaluate(allow_failback=False)
+                self._switch.evaluate(allow_failback=False)
                 return
-        self.switch.evaluate()
+        self._switch.evaluate()
         self._maybe_reconcile()
 
     def _usable(self, role: Role) -> bool:
-        probe = self.health[role].last_probe
+        probe = self._health[role].last_probe
         return bool(probe and probe.usable)
 
     async def _prepare_reconcile(self) -> int:
@@ -337,10 +337,10 @@ class FailoverStore(Generic[ClientT]):
         reconciler = self.reconciler
         if reconciler is None or reconciler.running or self._closed:
             return
-        state = self.switch.state
+        state = self._switch.state
         if state is SwitchState.RECONCILING:
             reconciler.kick()
-        elif state is SwitchState.ON_PRIMARY and reconciler.backlog and self.health[Role.FALLBACK].healthy:
+        elif state is SwitchState.ON_PRIMARY and reconciler.backlog and self._health[Role.FALLBACK].healthy:
             reconciler.kick()
 
     # --- routing --------------------------------------------------------------------------
@@ -367,7 +367,7 @@ class FailoverStore(Generic[ClientT]):
         """
         if self._closed:
             raise ClosedError(f"the {self.name} store is closed")
-        self.counters["operations"] += 1
+        self._counters["operations"] += 1
         clock = self.clock
         now = clock.monotonic()
         budget = self.options.operation_timeout if timeout is None else timeout
@@ -381,7 +381,7 @@ class FailoverStore(Generic[ClientT]):
         try:
             # The normal case, kept to the minimum: one attempt on the active endpoint,
             # its deadline watched by the store's watchdog (no timer of its own).
-            switch = self.switch
+            switch = self._switch
             role = switch.active_role
             if role is None or now >= deadline:
                 return await self._recover(operation, None, None, 0.0, idempotent, budget, deadline, label)
@@ -404,7 +404,7 @@ class FailoverStore(Generic[ClientT]):
                     result = await operation(endpoint)
             except Exception as exc:
                 return await self._recover(operation, exc, role, end - now, idempotent, budget, deadline, label)
-            health = self.health[role]
+            health = self._health[role]
             if health.consecutive_operation_failures:
                 health.record_operation_success()
             _last_served.set(endpoint)
@@ -460,24 +460,24 @@ class FailoverStore(Generic[ClientT]):
                         maybe_sent=maybe_sent,
                         elsewhere=self._has_candidate(tried),
                         time_left=clock.monotonic() < deadline,
-                        switched_away=self.switch.active_role is not role,
+                        switched_away=self._switch.active_role is not role,
                     )
                     reason = "every connection was busy and the store switched"
                 elif kind is ErrorKind.NOT_SENT or kind is ErrorKind.OUTCOME_UNKNOWN:
                     self.record_failure(role, reason)
                 if action is Action.RAISE_DRIVER_ERROR:
                     if kind is ErrorKind.APPLICATION:
-                        self.health[role].record_operation_success()
+                        self._health[role].record_operation_success()
                     raise exc
                 failures.append(reason if kind is ErrorKind.TIMEOUT else f"{endpoint.name}: {reason}")
                 if action is Action.RETRY_ELSEWHERE:
                     self._note_retry(role, reason)
                 else:
-                    self.counters["errors"] += 1
+                    self._counters["errors"] += 1
                     raise self._give_up(action, kind, endpoint, label, budget, deadline, failures, reason) from exc
-            roles = [r for r in self.switch.candidates() if r not in tried]
+            roles = [r for r in self._switch.candidates() if r not in tried]
             if not roles:
-                self.counters["errors"] += 1
+                self._counters["errors"] += 1
                 raise NoEndpointAvailable(
                     f"{self.name}: no endpoint could take the {label}: " + ("; ".join(failures) or self._why_unavailable()),
                     store=self.name,
@@ -488,7 +488,7 @@ class FailoverStore(Generic[ClientT]):
             now = clock.monotonic()
             remaining = deadline - now
             if remaining <= 0:
-                self.counters["errors"] += 1
+                self._counters["errors"] += 1
                 action = Action.RAISE_TIMEOUT if maybe_sent else Action.RAISE_NOT_APPLIED
                 raise self._give_up(action, None, endpoint, label, budget, deadline, failures)
             attempt = remaining
@@ -506,7 +506,7 @@ class FailoverStore(Generic[ClientT]):
             except Exception as caught:
                 exc = caught
                 continue
-            self.health[role].record_operation_success()
+            self._health[role].record_operation_success()
             _last_served.set(endpoint)
             return result
 
@@ -576,7 +576,7 @@ class FailoverStore(Generic[ClientT]):
         action = decide(kind, idempotent=False, maybe_sent=maybe_sent, elsewhere=False, time_left=False, switched_away=False)
         if action is Action.RAISE_DRIVER_ERROR:
             return exc
-        self.counters["errors"] += 1
+        self._counters["errors"] += 1
         if action is Action.RAISE_TIMEOUT:
             self.suspect(endpoint.role, f"{label} timed out")
             return OperationTimeout(
@@ -601,8 +601,8 @@ class FailoverStore(Generic[ClientT]):
 
     def record_failure(self, role: Role, reason: str) -> None:
         """A live operation failed at the connection level on *role*: feed the breaker."""
-        if self.health[role].record_operation_failure(reason):
-            self.switch.evaluate()
+        if self._health[role].record_operation_failure(reason):
+            self._switch.evaluate()
         self.monitor.wake()
 
     def suspect(self, role: Role, reason: str) -> None:
@@ -611,7 +611,7 @@ class FailoverStore(Generic[ClientT]):
         Timeouts alone never trip a breaker: a slow report or a lock wait is not a
         dead server. One confirmation probe per endpoint runs at a time.
         """
-        if role in self._confirming or self._closed or self.health[role].healthy is False:
+        if role in self._confirming or self._closed or self._health[role].healthy is False:
             return
         async def confirm() -> None:
             try:
@@ -649,16 +649,16 @@ class FailoverStore(Generic[ClientT]):
         return min(DEFAULT_SUSPECT_AFTER, self.options.probe_timeout / 2)
 
     def _has_candidate(self, tried: list[Role]) -> bool:
-        return any(r not in tried for r in self.switch.candidates())
+        return any(r not in tried for r in self._switch.candidates())
 
     def _note_retry(self, role: Role, reason: str) -> None:
-        self.counters["retries"] += 1
+        self._counters["retries"] += 1
         self.bus.emit(
             OperationRetried(store=self.name, at=self.clock.wall(), from_role=role, to_role=role.other, reason=reason)
         )
 
     def _why_unavailable(self) -> str:
-        return "; ".join(f"{h.endpoint.name}: {h.reason}" for h in self.health.values())
+        return "; ".join(f"{h.endpoint.name}: {h.reason}" for h in self._health.values())
 
     def describe(self, endpoint: Endpoint, exc: BaseException) -> str:
         """A one-line, password-free description of *exc* in plain words (no class names)."""
@@ -692,12 +692,39 @@ class FailoverStore(Generic[ClientT]):
     @property
     def active_endpoint(self) -> Endpoint | None:
         """The endpoint serving traffic now, or None when the store is unavailable."""
-        role = self.switch.active_role
+        role = self._switch.active_role
         return self.endpoints[role] if role is not None else None
+
+    @property
+    def state(self) -> SwitchState:
+        """The switch's state now (a value; :meth:`snapshot` freezes everything else)."""
+        return self._switch.state
+
+    @property
+    def active_role(self) -> Role | None:
+        """The role operations go to now; None while no endpoint is usable."""
+        return self._switch.active_role
+
+    @property
+    def preferred_role(self) -> Role:
+        """The role this store runs on when it can (the primary, when it has one)."""
+        return self._switch.preferred_role
+
+    def pin(self, role: Role | None) -> None:
+        """Force this store onto *role*; ``None`` returns it to automatic mode."""
+        self._switch.pin(role)
+
+    def record_success(self, role: Role) -> None:
+        """An operation outside :meth:`run` (a driver-level block) succeeded on *role*."""
+        self._health[role].record_operation_success()
+
+    def count_error(self) -> None:
+        """An error surfaced to the caller by a block that runs outside :meth:`run`."""
+        self._counters["errors"] += 1
 
     def snapshot(self) -> StoreSnapshot:
         """This store now, frozen: what status, readiness, metrics and the dashboard read."""
-        switch = self.switch
+        switch = self._switch
         return StoreSnapshot(
             store=self.name,
             taken_at=self.clock.monotonic(),
@@ -705,8 +732,8 @@ class FailoverStore(Generic[ClientT]):
             active_role=switch.active_role,
             preferred_role=switch.preferred_role,
             pinned=switch.pinned,
-            endpoints=frozen({role: EndpointSnapshot.of(h) for role, h in self.health.items()}),
-            counters=frozen(dict(self.counters, switches=switch.switches)),
+            endpoints=frozen({role: EndpointSnapshot.of(h) for role, h in self._health.items()}),
+            counters=frozen(dict(self._counters, switches=switch.switches)),
             transitions=tuple(reversed(switch.history)),
             reconcile=frozen(self.reconciler.snapshot() if self.reconciler is not None else {"enabled": False}),
             warm=frozen(self.warm.snapshot() if self.warm is not None else {"enabled": False, "state": "off", "lag_s": None}),

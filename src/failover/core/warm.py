@@ -207,7 +207,7 @@ class WarmDriver:
         return self._store.endpoints[Role.FALLBACK]
 
     def _usable(self, role: Role) -> bool:
-        probe = self._store.health[role].last_probe
+        probe = self._store._health[role].last_probe
         return bool(probe and probe.usable)
 
     async def _step(self, coro: Any) -> Any:
@@ -234,13 +234,13 @@ class WarmDriver:
     async def _tick(self) -> None:
         if self.unavailable is not None:
             return
-        on_primary = self._store.switch.state is SwitchState.ON_PRIMARY
+        on_primary = self._store.state is SwitchState.ON_PRIMARY
         if not on_primary:
             # The fallback is (or may become) the source of truth: nothing may write into it.
             if self.running is not False and self._usable(Role.FALLBACK):
                 await self._pause()
             if not self.set_up:
-                self.reason = f"the store is {self._store.switch.state}: warm sync starts once it runs on its primary"
+                self.reason = f"the store is {self._store.state}: warm sync starts once it runs on its primary"
             return
         if not (self._usable(Role.PRIMARY) and self._usable(Role.FALLBACK)):
             return
@@ -283,7 +283,7 @@ class WarmDriver:
             self._saw(seen, time.monotonic())
             if seen is not None and seen >= number:
                 return
-            if waited >= budget or self._store.switch.state is not SwitchState.ON_PRIMARY:
+            if waited >= budget or self._store.state is not SwitchState.ON_PRIMARY:
                 return
             await asyncio.sleep(pause)
             waited += pause

@@ -194,8 +194,8 @@ async def _protect(dbs: Databases, store: str) -> None:
     reconciler = failover.reconciler
     if reconciler is None or reconciler.running:
         return  # no capture, or a run under way (each probe round refreshes it anyway)
-    primary = failover.health.get(Role.PRIMARY)
-    await reconciler.prepare(bool(primary is not None and primary.last_probe and primary.last_probe.usable))
+    primary = failover.snapshot().endpoints.get(Role.PRIMARY)
+    await reconciler.prepare(bool(primary is not None and primary.available))
 
 
 # --- the resource ------------------------------------------------------------------------

@@ -69,5 +69,5 @@ def create(
         from ...core.events import SwitchState
 
         # Nothing may land on the fallback once the application writes there.
-        warm.on_primary = lambda: store.switch.state is SwitchState.ON_PRIMARY
+        warm.on_primary = lambda: store.state is SwitchState.ON_PRIMARY
     return MongoStore(store, backend, journal)

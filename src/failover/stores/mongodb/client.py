@@ -50,7 +50,7 @@ class MongoStore:
         It does not fail over: it keeps talking to that endpoint, and it is
         closed when traffic leaves it. Take it again after a switch.
         """
-        role = self.failover.switch.active_role or self.failover.switch.preferred_role
+        role = self.failover.active_role or self.failover.preferred_role
         return self.backend.current_client(self.failover.endpoints[role])
 
     def start_session(self, **kwargs: Any) -> Any:

@@ -174,7 +174,7 @@ class PostgresStore:
             if not healthy_exit and not conn.closed:
                 await conn.close()  # never hand a connection in an unknown state back to the pool
             await pool.putconn(conn)
-        self.failover.health[endpoint.role].record_operation_success()
+        self.failover.record_success(endpoint.role)
 
     def _statement(
         self, query: Any, params: Sequence[Any] | dict[str, Any] | None, fetch: str, idempotent: bool, timeout: float | None

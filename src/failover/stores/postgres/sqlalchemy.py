@@ -136,7 +136,7 @@ def create_engine(store: PostgresStore, **engine_kwargs: Any) -> AsyncEngine:
     def discard_stale(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         conn = getattr(dbapi_connection, "driver_connection", None)
         endpoint = getattr(conn, "endpoint", None)
-        if endpoint is None or endpoint.role is not failover.switch.active_role:
+        if endpoint is None or endpoint.role is not failover.active_role:
             raise sa_exc.DisconnectionError("the connection goes to an endpoint that is no longer active")
         if not _socket_alive(conn):  # type: ignore[arg-type]
             raise sa_exc.DisconnectionError(f"{endpoint.name} closed the connection while it was idle")
@@ -156,7 +156,7 @@ def create_engine(store: PostgresStore, **engine_kwargs: Any) -> AsyncEngine:
         if kind is ErrorKind.NOT_SENT:  # refused by a read-only server: the driver's error says it best
             return None
         ctx.is_disconnect = True
-        failover.counters["errors"] += 1
+        failover.count_error()
         rolled_back = conn is not None and not may_have_committed(conn)
         if rolled_back:
             cls: type[_FailoverDBAPIError] = SQLAlchemyTransactionRolledBack

@@ -72,7 +72,7 @@ def create(
         from ...core.events import SwitchState
 
         # A copy read before a failover must not land after the application's first write to the fallback.
-        warm.on_primary = lambda: failover.switch.state is SwitchState.ON_PRIMARY
+        warm.on_primary = lambda: failover.state is SwitchState.ON_PRIMARY
     store = RedisStore(failover, backend)
     store.mirror = warm
     return store

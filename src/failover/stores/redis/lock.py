@@ -96,7 +96,7 @@ class FailoverLock(Lock):
         acquired = await super().do_acquire(token)
         if acquired:
             served = last_served()
-            current = self.redis.failover.switch.active_role
+            current = self.redis.failover.active_role
             if epochs.value != before and (served is None or served.role is not current):
                 # The SET went to an endpoint the store left while it was in flight.
                 self.local.epoch = -1

@@ -105,7 +105,7 @@ class RoutedPubSub(PubSub):
     def __init__(self, redis: Any, *, report_gaps: bool = True, **kwargs: Any) -> None:
         self._redis = redis
         self._failover = redis.failover
-        role = self._failover.switch.active_role or self._failover.switch.preferred_role
+        role = self._failover.active_role or self._failover.preferred_role
         self.endpoint_role: Role = role
         super().__init__(redis._pubsub_pool(role), **kwargs)
         self.report_gaps = report_gaps
@@ -175,7 +175,7 @@ class RoutedPubSub(PubSub):
         self._moving = True
         try:
             while True:
-                role = store.switch.active_role
+                role = store.active_role
                 if role is not None:
                     endpoint = store.endpoints[role]
                     self.endpoint_role = role
@@ -238,7 +238,7 @@ class RoutedPubSub(PubSub):
 
     async def connect(self) -> None:
         if self.connection is None and not self._moving:
-            role = self._failover.switch.active_role
+            role = self._failover.active_role
             if role is not None and role is not self.endpoint_role:
                 self.endpoint_role = role
                 self.connection_pool = self._redis._pubsub_pool(role)

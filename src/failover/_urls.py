@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 __all__ = ["redact_url", "redact_text", "url_hosts", "url_password", "userinfo_is_ambiguous"]
@@ -63,7 +64,7 @@ def userinfo_is_ambiguous(url: str) -> bool:
     return "@" not in _netloc(url)
 
 
-def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:
+def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     """Mask URL passwords, ``password=...`` pairs and any of *secrets* inside free text.
 
     Driver errors sometimes echo a connection string; every message that may

@@ -402,8 +402,8 @@ def cmd_local_up(args: argparse.Namespace) -> int:
             print(f"  {key[0]:8} {key[1]:8} started on 127.0.0.1:{server.port}", file=sys.stderr, flush=True)
         env_file = write_local_env(stack)
         print(f"\n  env file:   {env_file}", file=sys.stderr)
-        for key, value in stack.env().items():
-            print(f"  {key}={redact_url(value) if '://' in value else value}", file=sys.stderr)
+        for variable, value in stack.env().items():
+            print(f"  {variable}={redact_url(value) if '://' in value else value}", file=sys.stderr)
         if not args.serve:
             print(f"\n  Serve with: failover serve --env-file {env_file}", file=sys.stderr)
             print("  Stop with:  failover local down" + (f" --dir {args.dir}" if args.dir != DEFAULT_LOCAL_DIR else ""), file=sys.stderr)

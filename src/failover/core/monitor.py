@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .store import FailoverStore
@@ -27,7 +27,7 @@ class Monitor:
     that is dropped without ``close()`` does not live forever.
     """
 
-    def __init__(self, store: FailoverStore, interval: float) -> None:
+    def __init__(self, store: FailoverStore[Any], interval: float) -> None:
         if interval <= 0:
             raise ValueError("interval must be greater than 0")
         self._store = weakref.ref(store)

@@ -155,11 +155,12 @@ def change_time(fields: Mapping[str, Any] | None) -> float | None:
         if isinstance(value, dt.datetime):
             return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
         if isinstance(value, str):
+            text = value
             try:
-                value = float(value)
+                value = float(text)
             except ValueError:
                 try:
-                    parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+                    parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
                 except ValueError:
                     continue
                 return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).timestamp()

@@ -264,7 +264,8 @@ class FaultProxy:
                 _abort_with_rst(writer)  # the closest thing to "connection refused" after accept
                 return
             link.upstream = up_writer
-            if self.mode is ProxyMode.RESET or link.client.transport.is_closing():
+            # The mode may have changed while connecting (mypy keeps the narrowing from above).
+            if self.mode is ProxyMode.RESET or link.client.transport.is_closing():  # type: ignore[comparison-overlap]
                 link.reset()
                 return
             link.tasks = [

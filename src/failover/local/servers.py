@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from .processes import pid_alive, process_tree, signal_tree, wait_gone
 
@@ -75,7 +76,7 @@ class LocalServer(abc.ABC):
         """Create the data directory before the first start."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
-    def _popen_kwargs(self) -> dict[str, object]:
+    def _popen_kwargs(self) -> dict[str, Any]:
         return {}
 
     def _ready(self) -> bool:
@@ -106,7 +107,7 @@ class LocalServer(abc.ABC):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                **self._popen_kwargs(),  # type: ignore[arg-type]
+                **self._popen_kwargs(),
             )
         finally:
             log.close()
@@ -312,7 +313,7 @@ class LocalPostgres(LocalServer):
             "-c", "wal_retrieve_retry_interval=200ms",
         ]  # fmt: skip
 
-    def _popen_kwargs(self) -> dict[str, object]:
+    def _popen_kwargs(self) -> dict[str, Any]:
         return {"user": "postgres", "cwd": str(self.data_dir.parent)}
 
     def _ready(self) -> bool:

@@ -126,8 +126,8 @@ class _StatusCollector(Collector):
             if warm.get("enabled"):
                 if warm.get("lag_s") is not None:
                     warm_lag.add_metric([name], float(warm["lag_s"]))
-                for each in ("copying", "streaming", "off", "broken"):
-                    warm_state.add_metric([name, each], 1.0 if warm.get("state") == each else 0.0)
+                for phase in ("copying", "streaming", "off", "broken"):
+                    warm_state.add_metric([name, phase], 1.0 if warm.get("state") == phase else 0.0)
         yield from (
             active, state, up, healthy, operations, errors, retries, switches, backlog, applied, unprotected,
             warm_lag, warm_state,

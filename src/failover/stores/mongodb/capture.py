@@ -471,7 +471,7 @@ class MongoJournal:
         read = _read_options(kwargs)
         if kwargs.get("sort") is not None:
             read["sort"] = kwargs["sort"]
-        result: Any = None
+        result = None
         for _ in range(SINGLE_RETRIES):
             current = await self._step(ctx, collection.find_one(filter, **read))
             if current is None:

@@ -187,7 +187,7 @@ class RoutedCollectionSurface:
         """A routed collection with other options (applied on every endpoint)."""
         given = dict(codec_options=codec_options, read_preference=read_preference, write_concern=write_concern, read_concern=read_concern)
         options = {**self._options, **{k: v for k, v in given.items() if v is not None}}
-        return type(self)(self.database, self.name, options)
+        return type(self)(self.database, self.name, options)  # type: ignore[call-arg]  # a mixin: RoutedCollection's __init__
 
     @property
     def codec_options(self) -> Any:
@@ -275,7 +275,7 @@ class RoutedDatabaseSurface:
         read_concern: Any = None,
     ) -> Any:
         """A routed database whose collections use these options on every endpoint."""
-        copy = type(self)(self.mongo, self.name)
+        copy = type(self)(self.mongo, self.name)  # type: ignore[call-arg]  # a mixin: RoutedDatabase's __init__
         given = dict(codec_options=codec_options, read_preference=read_preference, write_concern=write_concern, read_concern=read_concern)
         copy._settings().update(self._settings())
         copy._settings().update({k: v for k, v in given.items() if v is not None})

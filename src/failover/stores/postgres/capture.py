@@ -558,7 +558,7 @@ class PostgresCapture(Capture):
         others = [c for c in columns if c not in pk_columns]
         names = sql.SQL(", ").join(map(sql.Identifier, columns))
         if others:
-            action = sql.SQL("do update set ") + sql.SQL(", ").join(
+            action: sql.Composable = sql.SQL("do update set ") + sql.SQL(", ").join(
                 sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c)) for c in others
             )
         else:

@@ -134,7 +134,8 @@ class PostgresStore:
     async def _connection_block(self, budget: float, started: float) -> AsyncIterator[AsyncConnection[Any]]:
         conn, pool, endpoint = await self._lease(budget)
         deadline = _Deadline(conn, budget - (time.monotonic() - started))
-        block_commits = conn.block_commits = conn.commits_sent if isinstance(conn, FailoverConnection) else 0
+        # Every leased connection is a FailoverConnection (the pool's connection_class); any other gets the attribute ad hoc.
+        block_commits = conn.block_commits = conn.commits_sent if isinstance(conn, FailoverConnection) else 0  # type: ignore[attr-defined]
         healthy_exit = False
         try:
             try:

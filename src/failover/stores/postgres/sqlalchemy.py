@@ -72,7 +72,7 @@ class _FailoverDBAPIError(sa_exc.OperationalError):
         message: str,
         statement: str | None,
         params: Any,
-        orig: BaseException | None,
+        orig: Exception | None,
         hide_parameters: bool = False,
         code: str | None = None,
         ismulti: bool | None = None,

@@ -73,6 +73,6 @@ def create(
 
         # A copy read before a failover must not land after the application's first write to the fallback.
         warm.on_primary = lambda: failover.state is SwitchState.ON_PRIMARY
-    store = RedisStore(failover, backend)
+    store = RedisStore(failover, backend)  # type: ignore[abstract]  # redis-py 8's CommandsProtocol declares _event_dispatcher; the command mixins never use it
     store.mirror = warm
     return store

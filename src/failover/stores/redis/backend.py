@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -235,7 +235,8 @@ class RedisBackend(Backend[BlockingConnectionPool]):
         must ``release`` it to the pool.
         """
         client = self._clients.get(endpoint.role)
-        pool = client.connection_pool if client is not None else self.pool(endpoint)
+        # Every client of _clients is built on a BlockingConnectionPool (see client()).
+        pool = cast(BlockingConnectionPool, client.connection_pool) if client is not None else self.pool(endpoint)
         conn: AbstractConnection | None = None
         try:
             if _idle_count(pool):
@@ -280,7 +281,8 @@ class RedisBackend(Backend[BlockingConnectionPool]):
         conn, pool = await self.lease(endpoint)
         try:
             await conn.send_command(*args)
-            return await self.client(endpoint).parse_response(conn, args[0], **options)
+            # redis-py annotates Connection; any AbstractConnection (a unix socket too) is parsed the same.
+            return await self.client(endpoint).parse_response(conn, args[0], **options)  # type: ignore[arg-type]
         except ResponseError:
             raise  # a complete reply was read: the connection is clean
         except BaseException:
@@ -297,7 +299,7 @@ class RedisBackend(Backend[BlockingConnectionPool]):
         """
         conn, _ = await self.lease(endpoint)
         pipe = self.client(endpoint).pipeline(transaction=transaction)
-        pipe.connection = conn
+        pipe.connection = conn  # type: ignore[assignment]  # redis-py annotates Connection; any AbstractConnection works
         return pipe
 
     async def execute_pipeline(

@@ -64,7 +64,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import Pipeline
@@ -673,7 +673,7 @@ class RedisCapture(Capture):
         """Run a watched pipeline's transaction with the marks inside it."""
         keys = self._pipeline_keys(stack)
         if not keys:
-            pipe.command_stack = stack
+            pipe.command_stack = stack  # type: ignore[assignment]  # redis-py 8 types the stack with str|bytes args (list invariance): same tuples
             return await pipe.execute(raise_on_error=raise_on_error)
         pipe.command_stack = [self._mark(keys, deleted=_stack_deleted(stack)), *stack, self._note(keys)]
         replies = await pipe.execute(raise_on_error=False)
@@ -738,7 +738,8 @@ class RedisCapture(Capture):
             raise RuntimeError("the reconcile lock on the fallback was lost")
         result = BatchResult()
         fconn, pconn = self._client(fallback), self._client(primary)
-        keys = await fconn.srandmember(DIRTY, limit)
+        # With a count SRANDMEMBER replies with a list; this client's replies are bytes (see _client()).
+        keys = cast("list[bytes]", await fconn.srandmember(DIRTY, limit))
         if not keys:
             result.remaining = 0
             return result
@@ -1122,7 +1123,8 @@ async def _chunk_writes(fconn: Redis, snap: Snapshot, tmp: bytes) -> AsyncIterat
     elif snap.kind == "stream":
         begin: Any = "-"
         while True:
-            entries = await fconn.xrange(key, begin, "+", count=CHUNK)
+            # XRANGE entries are (id, fields); both callers' clients reply in bytes (decode_responses off).
+            entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", await fconn.xrange(key, begin, "+", count=CHUNK))
             if not entries:
                 return
             yield [("XADD", tmp, entry_id, *_flatten(list(fields.items()))) for entry_id, fields in entries]
@@ -1135,7 +1137,7 @@ async def _chunk_writes(fconn: Redis, snap: Snapshot, tmp: bytes) -> AsyncIterat
                 command: tuple[Any, ...] = ("SADD", tmp, *members)
             elif snap.kind == "hash":
                 cursor, fields = await fconn.hscan(key, cursor, count=CHUNK)
-                command = ("HSET", tmp, *_flatten(list(fields.items())))
+                command = ("HSET", tmp, *_flatten(list(fields.items())))  # type: ignore[union-attr]  # a dict unless no_values
             else:
                 # Scores as the server wrote them (bytes), so none is rounded on the way.
                 cursor, scored = await fconn.zscan(key, cursor, count=CHUNK, score_cast_func=bytes)

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncCoreCommands
@@ -42,6 +42,10 @@ class RedisStore(RedisSurface, AsyncCoreCommands):  # type: ignore[misc]
     Replies are bytes unless the URL says ``?decode_responses=True`` (give both
     URLs the same setting).
     """
+
+    if TYPE_CHECKING:
+        # redis-py 8 picks each command's awaitable return type by this marker of redis.asyncio.Redis.
+        _is_async_client: Literal[True]
 
     def __init__(self, store: FailoverStore[Any], backend: RedisBackend) -> None:
         self.failover = store
@@ -149,7 +153,7 @@ class RedisStore(RedisSurface, AsyncCoreCommands):  # type: ignore[misc]
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> RedisPipeline:
         """A pipeline (``MULTI``/``EXEC`` when *transaction*) that runs wholly on one endpoint."""
-        return RedisPipeline(self, transaction)
+        return RedisPipeline(self, transaction)  # type: ignore[abstract]  # redis-py 8's CommandsProtocol declares _event_dispatcher; the command mixins never use it
 
     # --- status ---------------------------------------------------------------------------
 

@@ -129,7 +129,8 @@ class FailoverLock(Lock):
             "(another client may hold it now): treat the work it guarded as unprotected and acquire it again"
         )
         logger.warning("%s", message)
-        raise LockLostInFailover(message, lock_name=self.name)
+        # redis-py types lock_name as str; it passes its own Lock.name (str or bytes) there too.
+        raise LockLostInFailover(message, lock_name=self.name)  # type: ignore[arg-type]
 
     async def owned(self) -> bool:
         self._check("check")

@@ -81,12 +81,13 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
         if self._bound is not None:
             self._bound[1].multi()
 
-    async def watch(self, *names: Any) -> Any:
+    # As in redis-py's own async Pipeline: WATCH/UNWATCH are awaited and return the reply.
+    async def watch(self, *names: Any) -> Any:  # type: ignore[override]
         if self.explicit_transaction:
             raise RedisError("Cannot issue a WATCH after a MULTI")
         return await self.execute_command("WATCH", *names)
 
-    async def unwatch(self) -> Any:
+    async def unwatch(self) -> Any:  # type: ignore[override]
         if self._bound is None:
             return True
         return await self.execute_command("UNWATCH")
@@ -129,7 +130,7 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
                 try:
                     if capture is not None and endpoint.role is Role.FALLBACK:
                         return await capture.execute_bound(pipe, stack, raise_on_error)
-                    pipe.command_stack = stack
+                    pipe.command_stack = stack  # type: ignore[assignment]  # redis-py 8 types the stack with str|bytes args (list invariance): same tuples
                     replies = await pipe.execute(raise_on_error=raise_on_error)
                     mirror = self._store.mirror
                     if mirror is not None and endpoint.role is Role.PRIMARY:
@@ -161,7 +162,8 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
         finally:
             await self.reset()
 
-    async def reset(self) -> None:
+    # The pipeline's reset() (as redis-py's Pipeline.reset), not the RESET command of the mixin.
+    async def reset(self) -> None:  # type: ignore[override]
         """Forget queued commands and release a connection held by ``WATCH``."""
         self.command_stack = []
         self.explicit_transaction = False

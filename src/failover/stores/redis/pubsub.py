@@ -184,7 +184,8 @@ class RoutedPubSub(PubSub):
                         async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
                             await PubSub.connect(self)
                             if self.subscribed:
-                                await self.on_connect(self.connection)
+                                # redis-py leaves PubSub.connection unannotated (inferred None); connect() set it.
+                                await self.on_connect(self.connection)  # type: ignore[arg-type]
                         break
                     except (*_LOST, TimeoutError) as exc:
                         what = describe_exception(exc, endpoint.secrets) if str(exc) else "timed out"
@@ -260,13 +261,14 @@ class RoutedPubSub(PubSub):
 
     async def parse_response(self, block: bool = True, timeout: float | None = 0) -> Any:
         """Read the next reply; None (no message this time) after the subscriptions moved."""
+        # redis-py annotates timeout as float, yet its get_message(timeout=None) passes None (wait for ever).
         if self._moving:
-            return await super().parse_response(block=block, timeout=timeout)
+            return await super().parse_response(block=block, timeout=timeout)  # type: ignore[arg-type]
         if self._stale is not None:
             await self._move()
             return None
         if self.connection is None:
-            return await super().parse_response(block=block, timeout=timeout)
+            return await super().parse_response(block=block, timeout=timeout)  # type: ignore[arg-type]
         try:
             if not block and not timeout:
                 return await super().parse_response(block=block, timeout=timeout)
@@ -279,7 +281,7 @@ class RoutedPubSub(PubSub):
     async def _read_unless_switched(self, block: bool, timeout: float | None) -> Any:
         if self._switched is None:
             self._switched = asyncio.Event()
-        read = asyncio.ensure_future(super().parse_response(block=block, timeout=timeout))
+        read = asyncio.ensure_future(super().parse_response(block=block, timeout=timeout))  # type: ignore[arg-type]
         switched = asyncio.ensure_future(self._switched.wait())
         try:
             await asyncio.wait({read, switched}, return_when=asyncio.FIRST_COMPLETED)

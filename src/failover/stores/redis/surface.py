@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import ConnectionPool
@@ -96,6 +96,8 @@ class RedisSurface(AsyncRedisModuleCommands, AsyncSentinelCommands):  # type: ig
     failover: Any
     backend: Any
     _reference: Callable[[], Redis]
+    if TYPE_CHECKING:
+        execute_command: Callable[..., Awaitable[Any]]  # RedisStore's
 
     # --- locks ------------------------------------------------------------------------------
 
@@ -116,8 +118,9 @@ class RedisSurface(AsyncRedisModuleCommands, AsyncSentinelCommands):  # type: ig
         extra: dict[str, Any] = {}
         if "raise_on_release_error" in inspect.signature(cls.__init__).parameters:
             extra["raise_on_release_error"] = raise_on_release_error
+        # self is a Redis look-alike (Lock only calls its command methods): hence the ignore below.
         return cls(
-            self, name, timeout=timeout, sleep=sleep, blocking=blocking, blocking_timeout=blocking_timeout,
+            self, name, timeout=timeout, sleep=sleep, blocking=blocking, blocking_timeout=blocking_timeout,  # type: ignore[arg-type]
             thread_local=thread_local, **extra,
         )  # fmt: skip
 

@@ -67,7 +67,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -591,7 +591,7 @@ class RedisWarmSync(WarmSync):
                 written += 1
             async with fconn.pipeline(transaction=True) as pipe:
                 await pipe.watch(DIRTY, VERSION)
-                if await pipe.sismember(DIRTY, snap.key):
+                if await pipe.sismember(DIRTY, snap.key):  # type: ignore[arg-type]  # redis-py 8 annotates the member as str; bytes work
                     self.skipped_dirty += 1
                     return
                 self._check()
@@ -620,7 +620,7 @@ class RedisWarmSync(WarmSync):
         cursor: Any = 0
         while True:
             cursor, found = await pconn.scan(cursor, count=SCAN_COUNT)
-            keys = [k for k in found if not k.startswith(prefix)]
+            keys = [k for k in cast("list[bytes]", found) if not k.startswith(prefix)]  # _client(): bytes replies
             if keys:
                 differ = await self._differing(pconn, fconn, keys)
                 if differ:
@@ -634,7 +634,7 @@ class RedisWarmSync(WarmSync):
         cursor = 0
         while True:
             cursor, found = await fconn.scan(cursor, count=SCAN_COUNT)
-            keys = [k for k in found if not k.startswith(prefix)]
+            keys = [k for k in cast("list[bytes]", found) if not k.startswith(prefix)]  # _client(): bytes replies
             if keys:
                 async with pconn.pipeline(transaction=False) as pipe:
                     for key in keys:

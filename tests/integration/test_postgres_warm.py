@@ -13,14 +13,21 @@ from typing import Any
 import psycopg
 import pytest
 
-from failover import Databases, SwitchState
+from failover import Databases
 from failover.core.events import Event, FailoverStarted
 from failover.local import LocalServer
 
-from ..helpers import fast_settings, wait_for
-from .writer import AckedWriter, missing
+from ..helpers import wait_for
+from .continuity import AckedWriter, Continuity, missing
 
 pytestmark = pytest.mark.integration
+
+STORE = Continuity("postgres")
+state, warm, streaming, outage, failback = STORE.state, STORE.warm, STORE.streaming, STORE.outage, STORE.failback
+
+
+async def start(pair: tuple[LocalServer, LocalServer], **overrides: Any) -> Databases:
+    return await STORE.start(*pair, **overrides)
 
 ITEMS = "create table if not exists items (id bigserial primary key, note text not null, n bigint not null default 0)"
 
@@ -37,14 +44,6 @@ def on_both(pair: tuple[LocalServer, LocalServer], statement: str) -> None:
         sql(server, statement)
 
 
-def state(dbs: Databases) -> SwitchState:
-    return dbs.store("postgres").state
-
-
-def warm(dbs: Databases) -> dict[str, Any]:
-    return dbs.status()["postgres"]["warm"]
-
-
 def subscription(fallback: LocalServer) -> dict[str, Any]:
     """The subscription as the fallback's catalogs see it."""
     rows = sql(
@@ -58,29 +57,6 @@ def subscription(fallback: LocalServer) -> dict[str, Any]:
         return {}
     enabled, workers, apply_errors, sync_errors = rows[0]
     return {"enabled": enabled, "workers": workers, "apply_errors": apply_errors, "sync_errors": sync_errors}
-
-
-async def start(pair: tuple[LocalServer, LocalServer], **overrides: Any) -> Databases:
-    dbs = Databases(fast_settings(SUPABASE_DB_URL=pair[0].url, POSTGRES_URL=pair[1].url, **overrides))
-    await dbs.start()
-    return dbs
-
-
-async def streaming(dbs: Databases, timeout: float = 30) -> None:
-    await wait_for(lambda: warm(dbs)["state"] == "streaming" and warm(dbs)["lag_s"] is not None, timeout, "warm sync streaming")
-
-
-async def outage(dbs: Databases, primary: LocalServer) -> float:
-    """Kill the primary, wait until the store serves from the fallback; return the kill's monotonic time."""
-    killed = time.monotonic()
-    await asyncio.to_thread(primary.kill)
-    await wait_for(lambda: state(dbs) is SwitchState.ON_FALLBACK, 10, "failover")
-    return killed
-
-
-async def failback(dbs: Databases, primary: LocalServer) -> None:
-    await asyncio.to_thread(primary.start)
-    await wait_for(lambda: state(dbs) is SwitchState.ON_PRIMARY, 30, "failback after reconcile")
 
 
 class Writer(AckedWriter[int]):
@@ -128,6 +104,7 @@ async def test_a_write_on_the_primary_is_on_the_fallback_when_the_primary_dies_w
         assert subscription(fallback)["enabled"] is True
         writer = Writer(dbs).start()
         await asyncio.sleep(1.0)
+        await writer.acknowledged(200)
         lag_before = warm(dbs)["lag_s"]
         assert lag_before is not None and lag_before < 1.0, warm(dbs)
         killed = await outage(dbs, primary)

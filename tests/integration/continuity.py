@@ -1,4 +1,7 @@
-"""A background writer that remembers every acknowledged write, for data-continuity tests.
+"""Shared by the data-continuity (warm sync) tests: a recording writer and one store's moves.
+
+:class:`Continuity` starts ``Databases`` on a real pair and kills, restarts and waits for one
+store. :class:`AckedWriter` writes in the background and remembers every acknowledged write.
 
 Each store's warm-sync test subclasses :class:`AckedWriter` with one ``step`` (an insert,
 an update or a delete through failover). The base keeps the record the assertions need:
@@ -16,9 +19,56 @@ import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from failover import OutcomeUnknown
+from failover import Databases, OutcomeUnknown, SwitchState
+from failover.local import LocalServer
+
+from ..helpers import fast_settings, wait_for
 
 K = TypeVar("K")
+
+_URL_SETTINGS = {
+    "postgres": ("SUPABASE_DB_URL", "POSTGRES_URL"),
+    "mongodb": ("MONGODB_ATLAS_URL", "MONGODB_URL"),
+    "redis": ("UPSTASH_REDIS_URL", "REDIS_URL"),
+}
+
+
+class Continuity:
+    """One store under test: start it on a pair, read its state and warm status, break and mend it."""
+
+    def __init__(self, store: str, *, failback_timeout: float = 30) -> None:
+        self.store = store
+        self.failback_timeout = failback_timeout
+
+    def state(self, dbs: Databases) -> SwitchState:
+        return dbs.store(self.store).state
+
+    def warm(self, dbs: Databases) -> dict[str, Any]:
+        return dbs.status()[self.store]["warm"]  # type: ignore[no-any-return]
+
+    async def start(self, primary: LocalServer, fallback: LocalServer, **overrides: Any) -> Databases:
+        primary_url, fallback_url = _URL_SETTINGS[self.store]
+        dbs = Databases(fast_settings(**{primary_url: primary.url, fallback_url: fallback.url}, **overrides))
+        await dbs.start()
+        return dbs
+
+    async def streaming(self, dbs: Databases, timeout: float = 30) -> None:
+        def ready() -> bool:
+            status = self.warm(dbs)
+            return status["state"] == "streaming" and status["lag_s"] is not None
+
+        await wait_for(ready, timeout, "warm sync streaming")
+
+    async def outage(self, dbs: Databases, primary: LocalServer) -> float:
+        """Kill the primary, wait until the store serves from the fallback; return the kill's monotonic time."""
+        killed = time.monotonic()
+        await asyncio.to_thread(primary.kill)
+        await wait_for(lambda: self.state(dbs) is SwitchState.ON_FALLBACK, 10, "failover")
+        return killed
+
+    async def failback(self, dbs: Databases, primary: LocalServer) -> None:
+        await asyncio.to_thread(primary.start)
+        await wait_for(lambda: self.state(dbs) is SwitchState.ON_PRIMARY, self.failback_timeout, "failback after reconcile")
 
 
 class Unacknowledged(Exception):
@@ -68,6 +118,10 @@ class AckedWriter(Generic[K]):
                     self.final[key] = value
                     self.acked[key] = time.monotonic()
             await asyncio.sleep(self.pause)
+
+    async def acknowledged(self, count: int, timeout: float = 20) -> None:
+        """Wait until at least *count* keys have an acknowledged write (a loaded machine writes slower)."""
+        await wait_for(lambda: len(self.acked) >= count, timeout, f"{count} acknowledged writes")
 
     def start(self) -> AckedWriter[K]:
         self._task = asyncio.create_task(self._run())

@@ -16,7 +16,14 @@ servers directly to report:
   expected) and those *lost* (on neither server: a durability problem);
 * **reconcile**: how long the store stayed ``RECONCILING``, how many captured
   keys it copied, at what rate, and how long new writes were held for the final
-  catch-up.
+  catch-up;
+* **the warm fallback's continuity at failover**: the RPO warm sync reported for
+  the failover, and what the fallback really held: right after the switch the
+  drill reads the fallback directly and counts the writes the primary
+  acknowledged *before the fault* that are not there, and how old the oldest of
+  them was at the fault. Traffic starts only once warm sync streams (the drill
+  waits up to :data:`WARM_STREAMING_TIMEOUT`); when it is off or never streams,
+  these figures are None and a note says why.
 
 Faults:
 
@@ -54,6 +61,7 @@ from typing import Any
 
 from ._urls import redact_text
 from .core.events import Event, FailoverStarted, ReconcileCompleted, StateChanged, StoreRecovered, SwitchState
+from .core.store import FailoverStore
 from .databases import Databases
 from .local.proxy import FaultProxy, proxied_url
 from .local.processes import pid_alive, signal_tree, wait_gone
@@ -75,6 +83,10 @@ DEFAULT_SETTLE = 1.0
 FAILBACK_TIMEOUT = 60.0
 FLAP_DOWN = 0.5
 FLAP_UP = 0.7
+WARM_STREAMING_TIMEOUT = 60.0
+"""Seconds the drill waits for warm sync to stream before it starts traffic."""
+WARM_FINAL_TIMEOUT = 10.0
+"""Seconds the drill waits, after a failover, for warm sync to stop and fix that failover's RPO."""
 
 # Probe every half second so a drill finishes in seconds; detection of a crash
 # does not depend on it (live traffic trips the breaker), failback does.
@@ -136,6 +148,19 @@ class _MongoProbe(_StoreProbe):
     store = "mongodb"
     COLLECTION = "failover_drill"
     DATABASE = "app"
+
+    async def prepare(self, url: str) -> None:
+        # Created before failover starts, so warm sync streams it from the start instead of
+        # discovering it once traffic has begun (the writes before that are not covered by its RPO).
+        from pymongo import AsyncMongoClient
+        from pymongo.errors import CollectionInvalid
+
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url, serverSelectionTimeoutMS=5000, connectTimeoutMS=5000)
+        try:
+            with contextlib.suppress(CollectionInvalid):  # already there
+                await client[self.DATABASE].create_collection(self.COLLECTION)
+        finally:
+            await client.close()
 
     async def write(self, dbs: Databases, run: str, write_id: str) -> None:
         await dbs.mongodb.database[self.COLLECTION].insert_one({"_id": write_id, "run": run})
@@ -377,6 +402,17 @@ class DrillReport:
     reconcile_rate_per_s: float | None = None
     write_hold_s: float | None = None
     """How long new writes waited for the final catch-up of the run that failed back."""
+    rpo_reported_s: float | None = None
+    """The status's ``warm.rpo_at_last_failover_s`` for the (first) failover; None: warm sync off or not streaming."""
+    missing_on_fallback_at_failover: int | None = None
+    """Writes acknowledged by the primary before the fault and absent from the fallback right after the
+    failover (read there directly); None: not measured (warm sync off or not streaming, or no failover)."""
+    missing_max_age_s: float | None = None
+    """Age at the fault (since its acknowledgement) of the oldest of those missing writes; 0 when none."""
+    warm_heartbeat_interval_s: float | None = None
+    """The status's ``warm.heartbeat_interval_s``: the resolution of the reported RPO."""
+    fallback_read_after_failover_s: float | None = None
+    """From the switch to the fallback to the end of the direct read of the fallback."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -410,12 +446,26 @@ class DrillReport:
                 else "  reconcile:            off (FAILOVER_RECONCILE=false): outage writes stay on the fallback"
             ),
             "    missing/acknowledged by phase: " + ", ".join(f"{k} {self.missing_by_phase.get(k, 0)}/{v}" for k, v in self.acked_by_phase.items()),
+            self._render_continuity(secs),
             f"  errored writes found applied anyway: {self.unacknowledged_but_applied}",
         ]
         for t in self.transitions:
             lines.append(f"  transition: {t['from']} -> {t['to']}: {t['reason']}")
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+    def _render_continuity(self, secs: Callable[[float | None], str]) -> str:
+        rpo = f"warm sync reported RPO {secs(self.rpo_reported_s)}"
+        if self.warm_heartbeat_interval_s is not None:
+            rpo += f" (heartbeat every {self.warm_heartbeat_interval_s:g} s)"
+        if self.missing_on_fallback_at_failover is None:
+            return f"  fallback at failover: not measured (see the notes); {rpo}"
+        oldest = f", oldest {secs(self.missing_max_age_s)} old at the fault" if self.missing_on_fallback_at_failover else ""
+        return (
+            f"  fallback at failover: {self.missing_on_fallback_at_failover} of {self.acked_by_phase.get('before_fault', 0)}"
+            f" writes acknowledged before the fault missing{oldest}; {rpo};"
+            f" read {secs(self.fallback_read_after_failover_s)} after the switch"
+        )
 
 
 # --- the drill -------------------------------------------------------------------------------
@@ -465,6 +515,7 @@ async def run_drill(
         settings = settings_for(store, target.primary_client_url, target.fallback.url, tuning)
         dbs = Databases(settings)
         marks: dict[str, float] = {}
+        failed_over = asyncio.Event()
 
         reconciles: list[ReconcileCompleted] = []
 
@@ -480,6 +531,7 @@ async def run_drill(
                 isinstance(event, StoreRecovered) and event.to_state is SwitchState.ON_FALLBACK
             ):
                 marks.setdefault("failover", now)
+                failed_over.set()
             if event.to_state is SwitchState.ON_PRIMARY and "restored" in marks:
                 marks.setdefault("failback", now)
 
@@ -488,9 +540,15 @@ async def run_drill(
         switch = dbs.store(store)
         traffic: Traffic[str] = Traffic(lambda write_id: probe.write(dbs, run, write_id), workers, keys=write_ids)
         switches_before = switch.snapshot().counters["switches"]
+        continuity: asyncio.Task[_FallbackAtFailover] | None = None
         try:
             if switch.state is not SwitchState.ON_PRIMARY:
                 raise RuntimeError(f"{store} does not start on its primary ({switch.state}); is the primary up?")
+            warm_off = await _wait_for_warm(switch, WARM_STREAMING_TIMEOUT)
+            if warm_off is None:
+                continuity = asyncio.create_task(_read_fallback_at_failover(switch, probe, target.fallback.url, run, failed_over, marks))
+            else:
+                target.notes.append(f"{warm_off}: the fallback's continuity at failover is not measured")
             traffic.start()
             await _pause(warmup)
             await _inject(target, fault, duration, marks)
@@ -503,6 +561,7 @@ async def run_drill(
             await _pause(settle)
         finally:
             await traffic.stop()
+            at_failover = await _finish(continuity, failed_over)
             switches = switch.snapshot().counters["switches"] - switches_before
             transitions = [t for t in reversed(dbs.store(store).status()["transitions"])]
             await dbs.close()
@@ -518,12 +577,108 @@ async def run_drill(
         report.reconcile_rate_per_s = report.reconcile_applied / busy if busy > 0 and report.reconcile_applied else None
         holds = [e.hold for e in reconciles if e.ok and e.hold is not None]
         report.write_hold_s = holds[-1] if holds else None
+        if at_failover is not None:
+            _add_continuity(report, traffic, marks, at_failover)
+        elif continuity is not None:
+            why = "its read failed (see the log)" if failed_over.is_set() else "no failover was seen"
+            report.notes.append(f"the fallback's continuity at failover is not measured: {why}")
         if report.stranded_on_fallback and report.reconcile_enabled:
             report.notes.append(
                 f"{report.stranded_on_fallback} acknowledged write(s) made on the fallback were not reconciled "
                 "into the primary: that is a defect, please report it"
             )
         return report
+
+
+@dataclass
+class _FallbackAtFailover:
+    """What the fallback held right after the (first) switch to it, and what warm sync said of it."""
+
+    ids: set[str] | None
+    """The drill's ids on the fallback; None when it could not be read."""
+    read_after_s: float | None
+    rpo_s: float | None
+    heartbeat_interval_s: float | None
+    notes: list[str] = field(default_factory=list)
+
+
+async def _wait_for_warm(store: FailoverStore[Any], timeout: float) -> str | None:
+    """Wait until *store*'s warm sync streams; None once it does, else why it does not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        warm = store.snapshot().warm
+        if not warm.get("enabled"):
+            return "warm sync is off (FAILOVER_WARM=off)"
+        if warm.get("state") == "streaming" and warm.get("lag_s") is not None:
+            return None
+        if store.warm is not None and store.warm.unavailable:  # the servers refuse it: waiting will not help
+            return f"warm sync is unavailable ({redact_text(store.warm.unavailable)})"
+        if time.monotonic() >= deadline:
+            why = warm.get("error") or warm.get("reason") or "no reason given"
+            return f"warm sync did not stream within {timeout:g} s (state {warm.get('state')}: {redact_text(str(why))})"
+        await asyncio.sleep(0.05)
+
+
+async def _read_fallback_at_failover(
+    store: FailoverStore[Any], probe: _StoreProbe, fallback_url: str, run: str, failed_over: asyncio.Event, marks: dict[str, float]
+) -> _FallbackAtFailover:
+    """Once the store switched to the fallback, read the drill's ids there, then the RPO warm sync reported.
+
+    The read comes first and at once: the drill keeps writing to the fallback, and only what it
+    held at the switch tells whether the writes the primary had acknowledged reached it.
+    """
+    await failed_over.wait()
+    notes: list[str] = []
+    ids: set[str] | None
+    try:
+        ids = await probe.ids_on(fallback_url, run)
+        read_after = time.monotonic() - marks["failover"]
+    except Exception as exc:  # reported, not raised: the drill itself goes on
+        ids, read_after = None, None
+        notes.append(f"the fallback could not be read right after the failover: {redact_text(str(exc))}")
+    # The RPO is fixed once warm sync has stopped writing into the fallback (``final``).
+    deadline = time.monotonic() + WARM_FINAL_TIMEOUT
+    while True:
+        warm = store.snapshot().warm
+        final = bool((warm.get("last_failover") or {}).get("final"))
+        if final or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.02)
+    if not final:
+        notes.append(f"warm sync had not stopped {WARM_FINAL_TIMEOUT:g} s after the failover: its RPO is provisional")
+    return _FallbackAtFailover(ids, read_after, warm.get("rpo_at_last_failover_s"), warm.get("heartbeat_interval_s"), notes)
+
+
+async def _finish(task: asyncio.Task[_FallbackAtFailover] | None, failed_over: asyncio.Event) -> _FallbackAtFailover | None:
+    """The result of the continuity read; None when no failover came (or the read failed)."""
+    if task is None:
+        return None
+    if failed_over.is_set():
+        await asyncio.wait({task}, timeout=WARM_FINAL_TIMEOUT + 5)  # bounded: its own waits are
+    if not task.done():
+        task.cancel()  # no failover: traffic has stopped, none will come now
+        await asyncio.wait({task})
+        return None
+    if task.cancelled():
+        return None
+    if (exc := task.exception()) is not None:
+        logger.warning("reading the fallback at failover failed: %s", redact_text(str(exc)))
+        return None
+    return task.result()
+
+
+def _add_continuity(report: DrillReport, traffic: Traffic[str], marks: dict[str, float], at_failover: _FallbackAtFailover) -> None:
+    """Fill *report*'s continuity figures: the acknowledged-before-fault writes the fallback lacked at failover."""
+    report.rpo_reported_s = at_failover.rpo_s
+    report.warm_heartbeat_interval_s = at_failover.heartbeat_interval_s
+    report.notes.extend(at_failover.notes)
+    if at_failover.ids is None:
+        return
+    fault_at = marks["fault"]
+    missing = [w for w in traffic.acked() if w.finished < fault_at and w.key not in at_failover.ids]
+    report.missing_on_fallback_at_failover = len(missing)
+    report.missing_max_age_s = max((fault_at - w.finished for w in missing), default=0.0)
+    report.fallback_read_after_failover_s = at_failover.read_after_s
 
 
 async def _pause(seconds: float) -> None:

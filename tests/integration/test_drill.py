@@ -77,6 +77,36 @@ async def test_kill_drill_reports_failover_failback_and_stranded_writes(store: s
         # Writes made on the fallback during the outage are reported, not hidden.
         assert report.stranded_on_fallback > 0
         assert ("ON_FALLBACK", "ON_PRIMARY") in kinds
+    assert_continuity_within_rpo(report)
+
+
+def assert_continuity_within_rpo(report: DrillReport) -> None:
+    """The fallback's continuity at failover was measured, and warm sync kept its word."""
+    doc = report.to_dict()
+    for name in ("rpo_reported_s", "missing_on_fallback_at_failover", "missing_max_age_s"):
+        assert name in doc, name
+    assert "fallback at failover:" in report.render()
+    # The drill waited for warm sync to stream before traffic: the RPO of a crash is small.
+    assert report.rpo_reported_s is not None and 0 <= report.rpo_reported_s < 1.0, report.notes
+    assert report.warm_heartbeat_interval_s is not None and report.warm_heartbeat_interval_s > 0
+    missing = report.missing_on_fallback_at_failover
+    assert isinstance(missing, int) and 0 <= missing <= report.acked_by_phase["before_fault"]
+    assert report.missing_max_age_s is not None and report.missing_max_age_s >= 0
+    if missing == 0:
+        assert report.missing_max_age_s == 0
+    # The warm-sync guarantee: nothing older than the reported RPO (at the resolution of the
+    # heartbeat) is missing on the fallback when it takes over.
+    assert report.missing_max_age_s <= report.rpo_reported_s + report.warm_heartbeat_interval_s + 0.1
+    assert report.fallback_read_after_failover_s is not None
+
+
+async def test_kill_drill_without_warm_sync_reports_no_continuity() -> None:
+    report = await run_drill("redis", "kill", duration=1.0, warmup=0.3, settle=0.3, tuning={**QUICK, "FAILOVER_WARM": "off"})
+    assert_consistent(report)
+    assert report.failover_observed
+    assert report.rpo_reported_s is None and report.missing_on_fallback_at_failover is None and report.missing_max_age_s is None
+    assert any("FAILOVER_WARM=off" in note for note in report.notes)
+    assert "fallback at failover: not measured" in report.render()
 
 
 async def test_flap_drill_completes_and_counts_switches() -> None:

@@ -427,11 +427,8 @@ class Reconciler:
                         return
                 self.backlog = 0
                 result = "completed"
-            with contextlib.suppress(Exception):
-                await self._step(self.capture.after_reconcile(self._primary, self._fallback))
         except asyncio.CancelledError:
-            if result != "completed":  # cancelled during after_reconcile() changes nothing
-                result = "cancelled"
+            result = "cancelled"
             raise
         except Exception as exc:
             self.last_error = self._describe(exc)
@@ -468,6 +465,11 @@ class Reconciler:
                         result=result,
                     )
                 )
+        # After the run is recorded: the switch may already be back on the primary, and a status
+        # read then must find this run in ``last_run`` (the clean-up below awaits the servers).
+        if result == "completed":
+            with contextlib.suppress(Exception):
+                await self._step(self.capture.after_reconcile(self._primary, self._fallback))
 
     async def _batch(self, watermark: Any | None = None) -> tuple[int, int]:
         if watermark is None:

@@ -362,3 +362,41 @@ async def test_the_subscription_leaves_rows_written_on_the_fallback_until_they_a
         assert rows(primary) == {1: "fallback", 2: "primary", 3: "three", 4: "four"}
     finally:
         await dbs.close()
+
+
+async def test_an_older_apply_trigger_is_replaced_and_a_key_column_may_have_any_name(
+    pg_pair: tuple[LocalServer, LocalServer],
+) -> None:
+    primary, fallback = pg_pair
+    on_both(pg_pair, "create table odd (r int primary key, failover_row_ text)")
+    # What an older version left on the fallback: a BEFORE INSERT trigger on a function of its own.
+    sql(fallback, "create schema if not exists failover")
+    sql(
+        fallback,
+        "create function failover.old_apply() returns trigger language plpgsql as "
+        "$$ begin delete from odd where r = NEW.r; return NEW; end $$",
+    )
+    sql(fallback, "create trigger failover_warm_apply before insert on odd for each row execute function failover.old_apply()")
+    sql(fallback, "alter table odd enable replica trigger failover_warm_apply")
+    sql(primary, "insert into odd values (1, 'a'), (2, 'b')")
+
+    def odd(server: LocalServer) -> list[tuple[Any, ...]]:
+        return sql(server, "select * from odd order by r")
+
+    dbs = await start(pg_pair)
+    try:
+        await streaming(dbs)
+        await wait_for(lambda: odd(fallback) == odd(primary), 10, "initial copy")
+        function = sql(
+            fallback, "select tgfoid::regproc::text from pg_trigger where tgrelid = 'odd'::regclass and tgname = 'failover_warm_apply'"
+        )
+        assert function and function[0][0].startswith("failover.warm_apply_v2_"), function
+        base = subscription(fallback)
+        sql(primary, "update odd set failover_row_ = 'changed' where r = 1")
+        sql(primary, "delete from odd where r = 2")
+        sql(primary, "insert into odd values (3, 'c')")
+        await wait_for(lambda: odd(fallback) == [(1, "changed"), (3, "c")], 10, "updates, deletes and inserts applied")
+        sub = subscription(fallback)
+        assert (sub["apply_errors"], sub["sync_errors"]) == (base["apply_errors"], base["sync_errors"]), server_errors(fallback)
+    finally:
+        await dbs.close()

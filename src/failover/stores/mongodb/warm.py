@@ -206,8 +206,8 @@ class MongoWarmSync(WarmSync):
         self._start()
 
     async def refresh(self, primary: Endpoint, fallback: Endpoint) -> None:
-        if self._task is not None and not self._task.done():
-            await self._discover()
+        # Discovery changes the collections the loop works on: it runs in the loop, now.
+        self._next_discover = 0.0
 
     async def resume(self, primary: Endpoint, fallback: Endpoint) -> None:
         self._endpoints = (primary, fallback)
@@ -285,14 +285,15 @@ class MongoWarmSync(WarmSync):
 
     async def _forget(self, fallback: Endpoint, coll: _Collection) -> None:
         """Stop syncing a collection the primary dropped; a new one of that name starts with a copy."""
+        # The stored token first: when that fails (or is cancelled) nothing has changed yet, and
+        # the next discovery forgets the collection again. Not application data: no _check().
+        await self._db(fallback)[TOKENS].delete_one({"_id": coll.name})
         logger.info("mongodb: warm sync: %s was dropped on the primary: no longer synced", coll.name)
         self._collections.pop(coll.name, None)
         if coll.stream is not None:
             with contextlib.suppress(Exception):
                 await coll.stream.close()
             coll.stream = None
-        self._check()
-        await self._db(fallback)[TOKENS].delete_one({"_id": coll.name})
 
     def _start(self) -> None:
         self._active = True

@@ -33,7 +33,13 @@ What PostgreSQL 15 lacks, and what is done about it:
   write would be lost; tested). Once reconciled, the row converges through the
   copy reconcile writes into the primary. Under ``primary_wins`` (or
   ``newest_wins`` deciding for the primary) reconcile writes nothing, so such a
-  row keeps the fallback's version there until the primary changes it again.
+  row keeps the fallback's version there until the primary changes it again; so does a row the
+  primary's application changes in the instant between reconcile's copy into the primary and the
+  removal of its ``failover.changes`` entry (a sweep while on the primary; a gated reconcile runs
+  with the subscription paused). A replicated ``TRUNCATE`` is not row-level: it empties the table
+  on the fallback, unreconciled rows included (reconcile then removes them on the primary too). A
+  ``timestamptz`` key captured by a session in another ``TimeZone`` than the server's is formatted
+  differently in ``failover.changes`` and not recognised.
 * **The fallback is the source of truth during an outage.** At failover the
   subscription is disabled (:meth:`PostgresWarmSync.pause` returns once no
   worker of it runs), so nothing from the primary lands on the fallback while
@@ -325,16 +331,21 @@ class PostgresWarmSync(WarmSync):
             return
         cur = await conn.execute("select quote_ident(%s) || '.' || quote_ident(%s)", (schema, table))
         captured_as = (await cur.fetchone() or [""])[0]  # failover.changes.tbl, as the capture writes it
-        function = sql.Identifier("failover", "warm_apply_" + hashlib.md5(_name(schema, table).encode()).hexdigest()[:16])
+        # "v2": the body an older version (re)creates under its own name cannot replace this one
+        # while both run against the pair (its body handled inserts only).
+        function_name = "warm_apply_v2_" + hashlib.md5(_name(schema, table).encode()).hexdigest()[:16]
+        function = sql.Identifier("failover", function_name)
         match = sql.SQL(" and ").join(sql.SQL("{c} = NEW.{c}").format(c=sql.Identifier(c)) for c in pk)
-        key = sql.SQL(", ").join(sql.SQL("{name}, r.{c}").format(name=sql.Literal(c), c=sql.Identifier(c)) for c in pk)
+        key = sql.SQL(", ").join(
+            sql.SQL("{name}, failover_row_.{c}").format(name=sql.Literal(c), c=sql.Identifier(c)) for c in pk
+        )
         body = sql.SQL(
             "create or replace function {function}() returns trigger language plpgsql as $fn$\n"
             "declare\n"
-            "    r record;\n"
+            "    failover_row_ record;  -- a name no column is likely to have (plpgsql would find it ambiguous)\n"
             "begin\n"
             "    -- failover warm sync; fires in logical replication workers only (ENABLE REPLICA)\n"
-            "    if TG_OP = 'INSERT' then r := NEW; else r := OLD; end if;\n"
+            "    if TG_OP = 'INSERT' then failover_row_ := NEW; else failover_row_ := OLD; end if;\n"
             "    if to_regclass('failover.changes') is not null then\n"
             "        -- a write captured here and not yet reconciled belongs to reconcile\n"
             "        if exists (select 1 from failover.changes where tbl = {tbl} and pk = jsonb_build_object({key})) then\n"
@@ -355,11 +366,12 @@ class PostgresWarmSync(WarmSync):
         async with conn.transaction():
             await conn.execute(body)
             cur = await conn.execute(
-                "select tgtype::int & 28 = 28 from pg_trigger where tgrelid = %s::regclass and tgname = 'failover_warm_apply'",
-                (_name(schema, table),),
+                "select tgtype::int & 28 = 28 and tgfoid = %s::regproc from pg_trigger "
+                "where tgrelid = %s::regclass and tgname = 'failover_warm_apply'",
+                (f"failover.{function_name}", _name(schema, table)),
             )
             found = await cur.fetchone()
-            if found is None or not found[0]:  # absent, or an older version's (before insert only)
+            if found is None or not found[0]:  # absent, or an older version's (inserts only, another function)
                 await conn.execute(
                     sql.SQL("drop trigger if exists failover_warm_apply on {table}").format(table=_qualified(schema, table))
                 )
@@ -374,6 +386,8 @@ class PostgresWarmSync(WarmSync):
                         table=_qualified(schema, table)
                     )
                 )
+                old = "warm_apply_" + hashlib.md5(_name(schema, table).encode()).hexdigest()[:16]
+                await conn.execute(sql.SQL("drop function if exists {}()").format(sql.Identifier("failover", old)))
 
     async def _create_subscription(self, primary: Endpoint, fallback: Endpoint) -> None:
         assert self.slot is not None

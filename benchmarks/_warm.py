@@ -1,4 +1,4 @@
-"""Shared by ``warm_redis`` and ``warm_mongodb``: steady-state cost of warm sync, its lag, a crash's RPO.
+"""Shared by ``warm_postgres``, ``warm_redis``, ``warm_mongodb``: cost of warm sync, its lag, a crash's RPO.
 
 For each mode (``FAILOVER_WARM=off``, then ``on``; ``--rounds`` alternations, each on a fresh
 pair of servers) a closed loop of one-key upserts (:mod:`._common`'s workload) runs through
@@ -8,8 +8,11 @@ sampled every 20 ms meanwhile (p50/p99/max); at the end the primary is SIGKILLed
 writers of new keys: the RPO the status reports and how many acknowledged writes the fallback
 really lacks (read with the raw driver).
 
-Both servers and the copies share this machine's two cores with the load (the warm worker
-runs in the application's own event loop): an upper bound of the cost.
+Both servers and the copies share this machine's two cores with the load (the Redis and MongoDB
+warm worker runs in the application's own event loop): an upper bound of the cost.
+
+A store plugs its own parts in through :class:`WarmBench`, whose defaults serve Redis and MongoDB;
+``warm_postgres`` subclasses it for its extra modes, CPU pinning and reads with psycopg.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from failover import SwitchState
@@ -34,6 +37,61 @@ from ._common import (
 )
 
 CONCURRENCY = (1, 8)
+
+
+class WarmBench:
+    """One store's parts of the benchmark; the hooks do nothing by default (Redis and MongoDB need none)."""
+
+    #: ``--rounds``'s help.
+    rounds_help = "alternations of off and on"
+    #: How long warm sync may take to reach ``streaming`` (its initial copy included).
+    streaming_timeout_s = 60.0
+    #: How long a crash writer waits after a failed write before the next (0: not at all).
+    failed_write_pause_s = 0.01
+
+    def __init__(self, store: str) -> None:
+        self.store = store
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add the store's own command-line options (after ``--seconds`` and ``--rounds``)."""
+
+    def configure(self, args: argparse.Namespace) -> Sequence[str]:
+        """Take the parsed options (and do the process-wide setup they ask for); return the modes of a round."""
+        return ("off", "on")
+
+    async def servers_started(self, primary: Any, fallback: Any) -> None:
+        """A round's fresh servers are up; nothing has been written to them yet."""
+
+    async def before_failover(self, mode: str, primary: Any, fallback: Any) -> None:
+        """The raw driver's figures are taken; failover is not open yet."""
+
+    async def failover_ready(self, mode: str, primary: Any) -> None:
+        """Failover is open (and warm sync streaming, with ``on``); its figures come next."""
+
+    async def write_new(self, dbs: Any, key: int) -> None:
+        """Write the new key *key* through failover (the crash's writers)."""
+        if self.store == "redis":
+            await dbs.redis.set(f"crash:{key}", 1)
+        else:
+            await dbs.mongodb.database["failover_bench_crash"].insert_one({"_id": key})
+
+    async def present(self, fallback_url: str) -> set[int]:
+        """The new keys the fallback has, read with the raw driver."""
+        if self.store == "redis":
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url(fallback_url)
+            try:
+                return {int(k.split(b":")[1]) async for k in client.scan_iter("crash:*", count=1000)}
+            finally:
+                await client.aclose()
+        from pymongo import AsyncMongoClient
+
+        mongo: AsyncMongoClient[Any] = AsyncMongoClient(fallback_url, directConnection=True)
+        try:
+            return {d["_id"] async for d in mongo["app"]["failover_bench_crash"].find({}, {"_id": 1})}
+        finally:
+            await mongo.close()
 
 
 async def _closed_loop(op: Callable[[int], Awaitable[Any]], workers: int, seconds: float) -> float:
@@ -58,32 +116,8 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 2)
 
 
-async def _write_new(store: str, dbs: Any, key: int) -> None:
-    if store == "redis":
-        await dbs.redis.set(f"crash:{key}", 1)
-    else:
-        await dbs.mongodb.database["failover_bench_crash"].insert_one({"_id": key})
-
-
-async def _present(store: str, fallback_url: str) -> set[int]:
-    if store == "redis":
-        import redis.asyncio as aioredis
-
-        client = aioredis.Redis.from_url(fallback_url)
-        try:
-            return {int(k.split(b":")[1]) async for k in client.scan_iter("crash:*", count=1000)}
-        finally:
-            await client.aclose()
-    from pymongo import AsyncMongoClient
-
-    mongo: AsyncMongoClient[Any] = AsyncMongoClient(fallback_url, directConnection=True)
-    try:
-        return {d["_id"] async for d in mongo["app"]["failover_bench_crash"].find({}, {"_id": 1})}
-    finally:
-        await mongo.close()
-
-
-async def _crash(store: str, dbs: Any, primary: Any, fallback: Any) -> dict[str, Any]:
+async def _crash(bench: WarmBench, dbs: Any, primary: Any, fallback: Any) -> dict[str, Any]:
+    """SIGKILL the primary under 4 writers of new keys; compare what was acknowledged with the fallback."""
     acked: dict[int, float] = {}
     stop = asyncio.Event()
     counter = [10 * KEYS]
@@ -93,21 +127,23 @@ async def _crash(store: str, dbs: Any, primary: Any, fallback: Any) -> dict[str,
             counter[0] += 1
             key = counter[0]
             try:
-                await _write_new(store, dbs, key)
+                await bench.write_new(dbs, key)
                 acked[key] = time.monotonic()
             except Exception:  # noqa: BLE001 - outcome unknown at the kill: not counted either way
-                await asyncio.sleep(0.01)
+                if bench.failed_write_pause_s:
+                    await asyncio.sleep(bench.failed_write_pause_s)
 
     tasks = [asyncio.create_task(writer()) for _ in range(4)]
     await asyncio.sleep(2.0)
     killed = time.monotonic()
     await asyncio.to_thread(primary.kill)
-    failover = dbs.store(store)
+    failover = dbs.store(bench.store)
     await wait_until(lambda: failover.state is SwitchState.ON_FALLBACK, 15, "failover")
     stop.set()
     await asyncio.gather(*tasks)
     before_kill = {k for k, at in acked.items() if at < killed}
-    lost = sorted(before_kill - await _present(store, fallback.url))
+    lost = sorted(before_kill - await bench.present(fallback.url))
+    # The oldest lost write tells how far back the loss really reached.
     reach = max((killed - acked[k] for k in lost), default=0.0)
     return {
         "rpo_reported_ms": _ms(failover.status()["warm"]["rpo_at_last_failover_s"]),
@@ -117,9 +153,11 @@ async def _crash(store: str, dbs: Any, primary: Any, fallback: Any) -> dict[str,
     }
 
 
-async def one_round(store: str, mode: str, seconds: float) -> dict[str, Any]:
-    workload = WORKLOADS[store]()
-    async with server_pair(store) as (primary, fallback):
+async def one_round(bench: WarmBench, mode: str, seconds: float) -> dict[str, Any]:
+    """The raw driver's figures, then failover's in *mode* (warm sync ``on`` only in ``on``), on fresh servers."""
+    workload = WORKLOADS[bench.store]()
+    async with server_pair(bench.store) as (primary, fallback):
+        await bench.servers_started(primary, fallback)
         for server in (primary, fallback):
             await workload.prepare(server.url)
         result: dict[str, Any] = {"mode": mode}
@@ -130,11 +168,18 @@ async def one_round(store: str, mode: str, seconds: float) -> dict[str, Any]:
                 result[f"raw_us_c{c}"] = await _closed_loop(raw, c, seconds)
         finally:
             await close()
-        dbs = await open_databases(store, primary.url, fallback.url, FAILOVER_WARM=mode)
+        await bench.before_failover(mode, primary, fallback)
+        warm = "on" if mode == "on" else "off"
+        dbs = await open_databases(bench.store, primary.url, fallback.url, FAILOVER_WARM=warm)
         try:
-            failover = dbs.store(store)
+            failover = dbs.store(bench.store)
             if mode == "on":
-                await wait_until(lambda: failover.status()["warm"]["state"] == "streaming", 60, "warm sync streaming")
+                await wait_until(
+                    lambda: failover.status()["warm"]["state"] == "streaming",
+                    bench.streaming_timeout_s,
+                    "warm sync streaming",
+                )
+            await bench.failover_ready(mode, primary)
             op = workload.via(dbs)
             await _closed_loop(op, 1, 0.5)
             lags: list[float] = []
@@ -157,23 +202,14 @@ async def one_round(store: str, mode: str, seconds: float) -> dict[str, Any]:
                 result["lag_p50_ms"] = _ms(percentile(lags, 50))
                 result["lag_p99_ms"] = _ms(percentile(lags, 99))
                 result["lag_max_ms"] = _ms(max(lags) if lags else None)
-                result.update(await _crash(store, dbs, primary, fallback))
+                result.update(await _crash(bench, dbs, primary, fallback))
         finally:
             await dbs.close()
         return result
 
 
-async def main(store: str, doc: str) -> None:
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of off and on")
-    args = parser.parse_args()
-    modes = ("off", "on")
-    rounds = []
-    for _ in range(args.rounds):
-        for mode in modes:
-            rounds.append(await one_round(store, mode, args.seconds))
-    print(json.dumps(rounds, indent=1))
+def _print_summary(rounds: list[dict[str, Any]], modes: Sequence[str]) -> None:
+    """The medians per mode as a table, warm on against off, and each crash."""
     print("\n| warm | concurrency | raw µs/op | failover µs/op | ratio to raw |")
     print("|---|---|---|---|---|")
     for mode in modes:
@@ -184,7 +220,7 @@ async def main(store: str, doc: str) -> None:
             ratio = statistics.median(r[f"ratio_c{c}"] for r in mine)
             print(f"| {mode} | {c} | {raw:.0f} | {via:.0f} | {ratio:.2f} |")
     on = [r for r in rounds if r["mode"] == "on"]
-    for c in CONCURRENCY:
+    for c in CONCURRENCY if on and "off" in modes else ():
         off_ratio = statistics.median(r[f"ratio_c{c}"] for r in rounds if r["mode"] == "off")
         on_ratio = statistics.median(r[f"ratio_c{c}"] for r in on)
         off_us = statistics.median(r[f"failover_us_c{c}"] for r in rounds if r["mode"] == "off")
@@ -199,3 +235,20 @@ async def main(store: str, doc: str) -> None:
             f"{r['rpo_reported_ms']} ms, {r['lost_on_fallback']} of {r['acked_before_kill']} acknowledged writes "
             f"missing on the fallback (oldest {r['loss_reach_ms']} ms before the kill)"
         )
+
+
+async def main(store: str, doc: str, kind: type[WarmBench] = WarmBench) -> None:
+    """Parse the options, run the rounds of *store* (its parts from *kind*), print them and their summary."""
+    bench = kind(store)
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help=bench.rounds_help)
+    bench.add_arguments(parser)
+    args = parser.parse_args()
+    modes = bench.configure(args)
+    rounds = []
+    for _ in range(args.rounds):
+        for mode in modes:
+            rounds.append(await one_round(bench, mode, args.seconds))
+    print(json.dumps(rounds, indent=1))
+    _print_summary(rounds, modes)

@@ -72,6 +72,8 @@ import secrets
 import time
 from typing import Any
 
+import bson
+from bson import ObjectId
 from pymongo import AsyncMongoClient, DeleteOne, ReplaceOne
 from pymongo.errors import OperationFailure, PyMongoError
 
@@ -94,6 +96,20 @@ DEFAULT_COMPARE_INTERVAL = 10.0
 """Seconds between two comparisons of a collection whose changes cannot be streamed."""
 DEFAULT_POLL_INTERVAL = 0.02
 """Seconds the loop rests after a round that found no event."""
+DEFAULT_IDLE_POLL_MAX = 0.1
+"""Most seconds the loop rests while rounds keep finding nothing: the rest doubles from
+:data:`DEFAULT_POLL_INTERVAL` after each empty round and is reset by the first round that applies a
+change. A server that ignores ``maxAwaitTimeMS`` (nx-27017 answers every ``getMore`` at once) would
+otherwise cost a ``getMore`` per stream every 20 ms while idle. Adds at most this much to the lag
+of the first write after a quiet spell."""
+DEFAULT_ROUND_INTERVAL = 0.05
+"""Least seconds from the start of a round that applied changes to the start of the next. Under
+load a round then gathers many events, so the primary's lookups and the fallback's writes are
+one ``find`` and one ``bulk_write`` per batch, not per write; it adds at most this to the lag."""
+TOKEN_SAVE_INTERVAL = 1.0
+"""Least seconds between two saves of one collection's resume token on the fallback. Resuming
+from an older token only applies some final states again (see above), so a process killed in
+between loses nothing."""
 EVENTS_PER_ROUND = 10 * DEFAULT_BATCH
 """Events read from one stream per round (their distinct documents are applied in batches)."""
 POLL_AWAIT_MS = 20
@@ -110,7 +126,7 @@ class _Stopped(Exception):
 class _Collection:
     """One synced collection: its stream (None: compared instead) and what it has done."""
 
-    __slots__ = ("compare", "copied", "drained", "name", "next_compare", "stream", "token")
+    __slots__ = ("compare", "copied", "drained", "name", "next_compare", "saved_at", "stream", "token")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -121,6 +137,8 @@ class _Collection:
         self.copied = False
         self.drained = -1
         """The last round in which its stream was read to its end."""
+        self.saved_at = float("-inf")
+        """When its token was last stored on the fallback (``time.monotonic()``)."""
 
 
 class MongoWarmSync(WarmSync):
@@ -130,7 +148,7 @@ class MongoWarmSync(WarmSync):
         connect_timeout: seconds to reach a server.
         on_primary: tells whether the store still runs on its primary (checked before every
             write into the fallback); default: always.
-        batch, compare_interval: see the ``DEFAULT_*`` constants.
+        batch, compare_interval, round_interval: see the ``DEFAULT_*`` constants.
     """
 
     store = "mongodb"
@@ -142,11 +160,15 @@ class MongoWarmSync(WarmSync):
         on_primary: Any = None,
         batch: int = DEFAULT_BATCH,
         compare_interval: float = DEFAULT_COMPARE_INTERVAL,
+        round_interval: float = DEFAULT_ROUND_INTERVAL,
     ) -> None:
         if connect_timeout <= 0:
             raise ValueError("connect_timeout must be greater than 0")
         if batch < 1 or compare_interval <= 0:
             raise ValueError("batch must be at least 1 and compare_interval greater than 0")
+        if round_interval < 0:
+            raise ValueError("round_interval must not be negative")
+        self.round_interval = round_interval
         self.connect_timeout = connect_timeout
         self.on_primary = on_primary or (lambda: True)
         self.batch = batch
@@ -310,19 +332,24 @@ class MongoWarmSync(WarmSync):
     # --- the loop ---------------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        idle = 0  # consecutive rounds that applied nothing
         while True:
+            started = time.monotonic()
             try:
                 busy = await self._round()
                 self._failing_since = None
                 self._error = None
             except _Stopped:
                 busy = False
-            except (PyMongoError, OSError, TimeoutError) as exc:
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one round
                 self.apply_errors += 1
                 self._error = f"{type(exc).__name__}: {exc}"
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
-                logger.warning("mongodb: warm sync: %s", type(exc).__name__)
+                if isinstance(exc, (PyMongoError, OSError, TimeoutError)):
+                    logger.warning("mongodb: warm sync: %s", type(exc).__name__)
+                else:  # a defect: say where, and go on (status turns "broken" if it persists)
+                    logger.exception("mongodb: warm sync round failed unexpectedly")
                 for coll in self._collections.values():  # reopened from their tokens
                     if coll.stream is not None:
                         with contextlib.suppress(Exception):
@@ -331,7 +358,12 @@ class MongoWarmSync(WarmSync):
                 await asyncio.sleep(RETRY_PAUSE)
                 continue
             if not busy:
-                await asyncio.sleep(DEFAULT_POLL_INTERVAL)
+                idle += 1
+                await asyncio.sleep(min(DEFAULT_IDLE_POLL_MAX, DEFAULT_POLL_INTERVAL * 2 ** min(idle - 1, 8)))
+                continue
+            idle = 0
+            if (rest := self.round_interval - (time.monotonic() - started)) > 0:
+                await asyncio.sleep(rest)
 
     async def _round(self) -> bool:
         """Copy what is new, read every stream once, apply; True when anything was found."""
@@ -362,7 +394,7 @@ class MongoWarmSync(WarmSync):
                     continue
                 if coll.compare:
                     continue
-            ids: dict[Any, None] = {}
+            ids: dict[Any, Any] = {}  # _key(id) -> id, in order of first change
             token = None
             for _ in range(EVENTS_PER_ROUND):
                 event = await coll.stream.try_next()
@@ -381,17 +413,19 @@ class MongoWarmSync(WarmSync):
                     break
                 doc_id = _event_id(event)
                 if doc_id is not _NO_ID:
-                    ids[doc_id] = None
+                    ids[_key(doc_id)] = doc_id
             if token is not None:
                 changed[coll.name] = (coll, ids, token)
         for name, (coll, ids, token) in changed.items():
-            chunk = list(ids)
+            chunk = list(ids.values())
             for start in range(0, len(chunk), self.batch):
                 await self._apply(primary, fallback, name, chunk[start : start + self.batch])
                 busy = True
             if coll not in dropped:
                 coll.token = token
-                await self._save_token(fallback, name, token)
+                if time.monotonic() - coll.saved_at >= TOKEN_SAVE_INTERVAL:
+                    await self._save_token(fallback, name, token)
+                    coll.saved_at = time.monotonic()
         for coll in dropped:
             await self._forget(fallback, coll)
         # A heartbeat read in round r is written on the fallback once every data stream has been
@@ -472,7 +506,7 @@ class MongoWarmSync(WarmSync):
         databases = {None, fallback.option("database") or DEFAULT_DATABASE, self._endpoints[0].option("database")}
         keys = {journal_key(db, name, i): i for i in ids for db in databases}
         found = self._db(fallback)[JOURNAL].find({"_id": {"$in": list(keys)}}, {"_id": 1})
-        return {keys[d["_id"]] async for d in found}
+        return {_key(keys[d["_id"]]) async for d in found}
 
     async def _write(self, fallback: Endpoint, name: str, writes: list[Any], ids: list[Any]) -> None:
         if not writes:
@@ -480,16 +514,17 @@ class MongoWarmSync(WarmSync):
         journaled = await self._journaled(fallback, name, ids)
         if journaled:
             self.skipped_journaled += len(journaled)
-            writes = [w for w in writes if _write_id(w) not in journaled]
+            writes = [w for w in writes if _key(_write_id(w)) not in journaled]
         self._check()
         if writes:
             await self._db(fallback)[name].bulk_write(writes, ordered=False)
 
     async def _apply(self, primary: Endpoint, fallback: Endpoint, name: str, ids: list[Any]) -> None:
         """Write the current state of *ids* (read on the primary now) into the fallback."""
-        current = {d["_id"]: d async for d in self._db(primary)[name].find({"_id": {"$in": ids}})}
+        current = {_key(d["_id"]): d async for d in self._db(primary)[name].find({"_id": {"$in": ids}})}
         writes: list[Any] = [
-            ReplaceOne({"_id": i}, current[i], upsert=True) if i in current else DeleteOne({"_id": i}) for i in ids
+            ReplaceOne({"_id": i}, current[_key(i)], upsert=True) if _key(i) in current else DeleteOne({"_id": i})
+            for i in ids
         ]
         await self._write(fallback, name, writes, ids)
         self.applied_documents += len(writes)
@@ -503,8 +538,8 @@ class MongoWarmSync(WarmSync):
         source, target = self._db(primary)[name], self._db(fallback)[name]
         async for docs in _chunks(source.find({}, batch_size=self.batch), self.batch):
             ids = [d["_id"] for d in docs]
-            ours = {d["_id"]: d async for d in target.find({"_id": {"$in": ids}})}
-            writes = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs if ours.get(d["_id"]) != d]
+            ours = {_key(d["_id"]): d async for d in target.find({"_id": {"$in": ids}})}
+            writes = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs if ours.get(_key(d["_id"])) != d]
             await self._write(fallback, name, writes, [_write_id(w) for w in writes])
             self.compared_copies += len(writes)
             if counting:
@@ -514,8 +549,8 @@ class MongoWarmSync(WarmSync):
         # Documents only the fallback has: deleted on the primary.
         async for found in _chunks(target.find({}, {"_id": 1}, batch_size=self.batch), self.batch):
             ids = [d["_id"] for d in found]
-            theirs = {d["_id"] async for d in source.find({"_id": {"$in": ids}}, {"_id": 1})}
-            gone = [i for i in ids if i not in theirs]
+            theirs = {_key(d["_id"]) async for d in source.find({"_id": {"$in": ids}}, {"_id": 1})}
+            gone = [i for i in ids if _key(i) not in theirs]
             await self._write(fallback, name, [DeleteOne({"_id": i}) for i in gone], gone)
 
     async def _save_token(self, fallback: Endpoint, name: str, token: Any) -> None:
@@ -541,11 +576,18 @@ async def _chunks(cursor: Any, size: int) -> Any:
 
 
 def _event_id(event: dict[str, Any]) -> Any:
-    """The changed document's ``_id`` (from ``fullDocument`` first: see the module docstring)."""
+    """The changed document's ``_id`` (from ``fullDocument`` first: see the module docstring).
+
+    Except an ``ObjectId`` in ``documentKey``: nx-27017 sends that one right there but wraps it in
+    ``fullDocument`` (``{"__neosqlite_objectid__": True, "id": "..."}``, a dict: unhashable, and it
+    stopped the loop at the first insert of a document with a generated ``_id``).
+    """
+    key = event.get("documentKey")
+    if isinstance(key, dict) and isinstance(key.get("_id"), ObjectId):
+        return key["_id"]
     full = event.get("fullDocument")
     if isinstance(full, dict) and "_id" in full:
         return full["_id"]
-    key = event.get("documentKey")
     if isinstance(key, dict) and "_id" in key:
         return key["_id"]
     return _NO_ID
@@ -561,6 +603,15 @@ def _beat_number(event: dict[str, Any], heartbeat_id: str) -> int | None:
     if key.get("_id") == heartbeat_id and "n" in fields:
         return int(fields["n"])
     return None
+
+
+def _key(doc_id: Any) -> Any:
+    """*doc_id* as a dict key: itself when hashable, else its BSON (an ``_id`` may be a document or an array)."""
+    try:
+        hash(doc_id)
+    except TypeError:
+        return ("bson", bson.encode({"_id": doc_id}))
+    return doc_id
 
 
 def _write_id(write: Any) -> Any:

@@ -43,7 +43,7 @@ from ...core.endpoint import Endpoint, Role
 from ...core.routing import NotSent
 from ...core.store import Backend, ErrorKind
 from .sentinel import _Sentinel
-from .urls import _single_host, client_options
+from .urls import DEFAULT_DATABASE, _single_host, client_options
 
 __all__ = ["DEFAULT_DRAIN_GRACE", "MongoBackend"]
 
@@ -80,13 +80,17 @@ class _ClientEntry:
     def __init__(self, client: AsyncMongoClient[Any], sentinel: _Sentinel | None) -> None:
         self.client = client
         self.sentinel = sentinel
+        self.poll = sentinel.poll if sentinel is not None else None
         self.inflight = 0
         self.retired = False
-        self.idle = asyncio.Event()
-        self.idle.set()
+        # Created only by a drain that has to wait (see ``wait_idle``): nothing per operation.
+        self._idle: asyncio.Event | None = None
         # Collection objects of this client, reused across calls (building them per
         # call costs more than the routing itself).
         self.collections: dict[tuple[str, str], AsyncCollection[Any]] = {}
+        # The same, keyed by the routed database's own name (None: the endpoint's configured one),
+        # so the hot path does not read the endpoint's options.
+        self.routed: dict[tuple[str | None, str], AsyncCollection[Any]] = {}
 
     def collection(self, database: str, name: str, options: dict[str, Any]) -> AsyncCollection[Any]:
         if options:
@@ -97,8 +101,30 @@ class _ClientEntry:
             found = self.collections[key] = self.client.get_database(database).get_collection(name)
         return found
 
+    def routed_collection(
+        self, endpoint: Endpoint, override: str | None, name: str, options: dict[str, Any]
+    ) -> AsyncCollection[Any]:
+        """The collection *name* of the routed database *override* (None: the endpoint's database)."""
+        if options:
+            database = override or endpoint.option("database") or DEFAULT_DATABASE
+            return self.client.get_database(database).get_collection(name, **options)
+        key = (override, name)
+        found = self.routed.get(key)
+        if found is None:
+            database = override or endpoint.option("database") or DEFAULT_DATABASE
+            found = self.routed[key] = self.collection(database, name, options)
+        return found
+
     def alive(self) -> bool:
         return self.sentinel is None or self.sentinel.alive()
+
+    async def wait_idle(self) -> None:
+        """Return once no operation holds this client."""
+        while self.inflight > 0:
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            await self._idle.wait()
+            self._idle = None
 
 
 # --- the backend ---------------------------------------------------------------------------
@@ -216,18 +242,30 @@ class MongoBackend(Backend[AsyncMongoClient[Any]]):
         finally:
             self.give_back(entry)
 
+    def take_alive(self, endpoint: Endpoint) -> _ClientEntry | None:
+        """The hot path of :meth:`take`, without a coroutine: the current client of *endpoint* when
+        its sentinel says the server has not hung up, else None (then ``await take()``)."""
+        entry = self._entries.get(endpoint.role)
+        if entry is None:
+            return None
+        poll = entry.poll
+        # poll(0) returns [] while the sentinel is idle and connected; anything else gets the full check.
+        if poll is not None and poll(0) and not entry.alive():
+            return None
+        entry.inflight += 1
+        return entry
+
     async def take(self, endpoint: Endpoint) -> _ClientEntry:
         """Like :meth:`lease` without a context manager (the hot path); pair with :meth:`give_back`."""
         entry = await self._entry(endpoint)
         entry.inflight += 1
-        entry.idle.clear()
         return entry
 
     @staticmethod
     def give_back(entry: _ClientEntry) -> None:
         entry.inflight -= 1
-        if entry.inflight == 0:
-            entry.idle.set()
+        if entry.inflight == 0 and entry._idle is not None:
+            entry._idle.set()
 
     def _retire(self, endpoint: Endpoint, entry: _ClientEntry) -> None:
         """Stop handing out *entry* and close it once its operations finished (bounded)."""
@@ -243,7 +281,7 @@ class MongoBackend(Backend[AsyncMongoClient[Any]]):
     async def _close_entry(self, endpoint: Endpoint, entry: _ClientEntry) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.drain_grace):
-                await entry.idle.wait()
+                await entry.wait_idle()
         if entry.sentinel is not None:
             entry.sentinel.close()
         try:

@@ -13,7 +13,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pymongo.asynchronous.collection import AsyncCollection
@@ -164,17 +165,43 @@ class RoutedCollection(RoutedCollectionSurface):
 
         return await store.run(attempt, idempotent=idempotent, label=f"{label} on {self.name}")
 
-    async def _read(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return await self._run(lambda c: getattr(c, method)(*args, **kwargs), idempotent=True, label=method)
-
-    async def _write(
-        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], idempotent: bool, *, captured: bool = True
+    # The hot path of every CRUD method: one coroutine for the routing (``store.run``) and one for
+    # the attempt, which calls PyMongo's method itself (no closure, no lambda, no lease coroutine).
+    async def _attempt(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], captured: bool, endpoint: Endpoint
     ) -> Any:
-        return await self._run(
-            lambda c: getattr(c, method)(*args, **kwargs),
+        mongo = self.database.mongo
+        backend = mongo.backend
+        entry = backend.take_alive(endpoint)
+        if entry is None:
+            entry = await backend.take(endpoint)  # a new client (and sentinel) is needed: may raise _NotSent
+        try:
+            collection = entry.routed.get((self.database.name, self.name)) if not self._options else None
+            if collection is None:
+                collection = entry.routed_collection(endpoint, self.database.name, self.name, self._options)
+            if captured and endpoint.role is Role.FALLBACK:
+                journal = mongo.journal
+                if journal is not None and journal.captures(self.name):
+                    # Writes on the fallback are journaled so they reach the primary before failback.
+                    return await journal.write(entry.client, endpoint, self.database.name, collection, method, args, kwargs)
+            return await getattr(collection, method)(*args, **kwargs)
+        finally:
+            entry.inflight -= 1  # backend.give_back, inlined (hot path)
+            if not entry.inflight and entry._idle is not None:
+                entry._idle.set()
+
+    def _read(self, method: str, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        return self.database.mongo.failover.run(
+            functools.partial(self._attempt, method, args, kwargs, False), idempotent=True, label=f"{method} on {self.name}"
+        )
+
+    def _write(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], idempotent: bool, *, captured: bool = True
+    ) -> Coroutine[Any, Any, Any]:
+        return self.database.mongo.failover.run(
+            functools.partial(self._attempt, method, args, kwargs, captured),
             idempotent=idempotent,
-            label=method,
-            write=(method, args, kwargs) if captured else None,
+            label=f"{method} on {self.name}",
         )
 
     async def _batched_write(

@@ -174,8 +174,13 @@ begin
         return true;
     end if;
     select string_agg(quote_literal(c), ', ') into args from unnest(pk) c;
-    execute format('drop trigger if exists failover_capture on %s', rel::regclass);
-    execute format('drop trigger if exists failover_capture_truncate on %s', rel::regclass);
+    -- DROP TRIGGER locks the table ACCESS EXCLUSIVE even when there is nothing to drop: only when needed.
+    if present then
+        execute format('drop trigger if exists failover_capture on %s', rel::regclass);
+    end if;
+    if exists (select 1 from pg_trigger where tgrelid = rel and tgname = 'failover_capture_truncate') then
+        execute format('drop trigger if exists failover_capture_truncate on %s', rel::regclass);
+    end if;
     execute format('create trigger failover_capture after insert or update or delete on %s '
                    'for each row execute function failover.capture(%s)', rel::regclass, args);
     execute format('create trigger failover_capture_truncate before truncate on %s '

@@ -372,14 +372,23 @@ class PostgresWarmSync(WarmSync):
             )
             found = await cur.fetchone()
             if found is None or not found[0]:  # absent, or an older version's (inserts only, another function)
-                await conn.execute(
-                    sql.SQL("drop trigger if exists failover_warm_apply on {table}").format(table=_qualified(schema, table))
-                )
+                # CREATE [OR REPLACE] TRIGGER takes SHARE ROW EXCLUSIVE: the application's reads of the
+                # table go on. DROP TRIGGER (even IF EXISTS, even of no trigger) takes ACCESS
+                # EXCLUSIVE: only an older version's trigger on a server without OR REPLACE needs it.
+                replace = conn.info.server_version >= 140000
+                if found is not None and not replace:
+                    await conn.execute(
+                        sql.SQL("drop trigger failover_warm_apply on {table}").format(table=_qualified(schema, table))
+                    )
                 await conn.execute(
                     sql.SQL(
-                        "create trigger failover_warm_apply before insert or update or delete on {table} "
+                        "create {or_replace} trigger failover_warm_apply before insert or update or delete on {table} "
                         "for each row execute function {function}()"
-                    ).format(table=_qualified(schema, table), function=function)
+                    ).format(
+                        or_replace=sql.SQL("or replace" if replace else ""),
+                        table=_qualified(schema, table),
+                        function=function,
+                    )
                 )
                 await conn.execute(
                     sql.SQL("alter table {table} enable replica trigger failover_warm_apply").format(

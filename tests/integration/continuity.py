@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from failover import Databases, OutcomeUnknown, SwitchState
@@ -65,6 +65,30 @@ class Continuity:
         await asyncio.to_thread(primary.kill)
         await wait_for(lambda: self.state(dbs) is SwitchState.ON_FALLBACK, 10, "failover")
         return killed
+
+    async def copy_while_writing(
+        self, dbs: Databases, write: Callable[[int], Awaitable[Any]], timeout: float, pause: float = 0.02
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Write through the application (``write(i)``, then *pause*) until the initial copy is done.
+
+        Returns the copy progress reports seen meanwhile and how many writes were made.
+        """
+        seen: list[dict[str, Any]] = []
+
+        def streaming() -> bool:
+            status = self.warm(dbs)
+            if status["state"] == "copying" and status["copy"] and status["copy"]["rows_done"]:
+                seen.append(status["copy"])
+            return status["state"] == "streaming"
+
+        writes = 0
+        deadline = time.monotonic() + timeout
+        while not streaming():
+            assert time.monotonic() < deadline, f"initial copy did not finish: {self.warm(dbs)}"
+            await write(writes)  # the application works meanwhile
+            writes += 1
+            await asyncio.sleep(pause)
+        return seen, writes
 
     async def failback(self, dbs: Databases, primary: LocalServer) -> None:
         await asyncio.to_thread(primary.start)

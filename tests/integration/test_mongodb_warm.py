@@ -126,21 +126,9 @@ async def test_initial_copy_of_a_non_empty_primary_reports_progress_while_the_ap
     caplog.set_level("INFO", logger="failover")
     dbs = await start(primary, fallback)
     try:
-        seen: list[dict[str, Any]] = []
-
-        def copying() -> bool:
-            doc = warm(dbs)
-            if doc["state"] == "copying" and doc["copy"] and doc["copy"]["rows_done"]:
-                seen.append(doc["copy"])
-            return doc["state"] == "streaming"
-
-        writes = 0
-        deadline = time.monotonic() + 100
-        while not copying():
-            assert time.monotonic() < deadline, f"initial copy did not finish: {warm(dbs)}"
-            await dbs.mongodb.database["other"].insert_one({"_id": f"app{writes}", "v": writes})
-            writes += 1
-            await asyncio.sleep(0.02)
+        seen, writes = await STORE.copy_while_writing(
+            dbs, lambda i: dbs.mongodb.database["other"].insert_one({"_id": f"app{i}", "v": i}), 100
+        )
         assert seen, "no copy progress was ever reported"
         last = seen[-1]
         assert last["rows_total"] and last["rows_total"] >= 20_000, last

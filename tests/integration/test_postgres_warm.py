@@ -144,21 +144,9 @@ async def test_initial_copy_of_a_non_empty_primary_reports_progress_while_the_ap
     caplog.set_level("INFO", logger="failover.warm")
     dbs = await start(pg_pair)
     try:
-        seen: list[dict[str, Any]] = []
-
-        def copying() -> bool:
-            doc = warm(dbs)
-            if doc["state"] == "copying" and doc["copy"] and doc["copy"]["rows_done"]:
-                seen.append(doc["copy"])
-            return doc["state"] == "streaming"
-
-        writes = 0
-        deadline = time.monotonic() + 60
-        while not copying():
-            assert time.monotonic() < deadline, f"initial copy did not finish: {warm(dbs)}"
-            await dbs.postgres.execute("insert into other values (%s, 1)", (f"app{writes}",))  # the app works meanwhile
-            writes += 1
-            await asyncio.sleep(0.02)
+        seen, writes = await STORE.copy_while_writing(
+            dbs, lambda i: dbs.postgres.execute("insert into other values (%s, 1)", (f"app{i}",)), 60
+        )
         assert seen, "no copy progress was ever reported"
         last = seen[-1]
         assert last["rows_total"] and last["rows_total"] >= 400_000 * 0.9, last

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from failover import Databases, OutcomeUnknown, SwitchState
+from failover.core.events import Event, FailoverStarted
 from failover.local import LocalServer
 
 from ..helpers import fast_settings, wait_for
@@ -65,6 +66,21 @@ class Continuity:
         await asyncio.to_thread(primary.kill)
         await wait_for(lambda: self.state(dbs) is SwitchState.ON_FALLBACK, 10, "failover")
         return killed
+
+    async def outage_under(
+        self, dbs: Databases, primary: LocalServer, writer: AckedWriter[Any], events: list[Event]
+    ) -> tuple[float, dict[str, Any], float]:
+        """Kill the primary while *writer* runs, then stop it; the status and the ``FailoverStarted``
+        event must report this failover's RPO (under a second). Returns the kill's monotonic time,
+        the warm status and the RPO."""
+        killed = await self.outage(dbs, primary)
+        await writer.stop()
+        status = self.warm(dbs)
+        rpo = status["rpo_at_last_failover_s"]
+        assert rpo is not None and rpo < 1.0, status
+        failovers = [e for e in events if isinstance(e, FailoverStarted)]
+        assert failovers and failovers[-1].rpo_s is not None and failovers[-1].rpo_s < 1.0, failovers
+        return killed, status, rpo
 
     async def copy_while_writing(
         self, dbs: Databases, write: Callable[[int], Awaitable[Any]], timeout: float, pause: float = 0.02

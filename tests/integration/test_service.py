@@ -62,7 +62,13 @@ class _InProcessServer(uvicorn.Server):
 async def http_server(app: FastAPI) -> AsyncIterator[str]:
     """Serve *app* on a free loopback port in this event loop; yield its base URL."""
     port = free_port()
-    server = _InProcessServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    # The server keeps an idle connection longer than httpx's keep-alive expiry (5 s): with both at
+    # uvicorn's default 5 s, a client could send a request on a connection in the very instant the
+    # server closed it for idleness, and read a reset (a flake of the 50-client test, not a failover).
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_keep_alive=60
+    )
+    server = _InProcessServer(config)
     task = asyncio.create_task(server.serve())
     try:
         await wait_for(lambda: server.started or task.done(), 30, "uvicorn started")

@@ -3,10 +3,13 @@ the ids and heartbeat numbers read from change events (including nx-27017's quir
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 from bson import ObjectId
 
 from failover.stores.mongodb.warm import _NO_ID, _beat_number, _event_id
-from failover.stores.redis.warm import _BEAT, RedisWarmSync
+from failover.stores.redis.warm import _BEAT, RETRY_PAUSE, RETRY_PAUSE_MAX, RedisWarmSync
 
 
 def active(sync: RedisWarmSync) -> RedisWarmSync:
@@ -67,6 +70,21 @@ async def test_pause_keeps_the_keys_still_to_copy_for_after_failback() -> None:
     assert list(sync._backlog) == [b"late"] and not sync._queue
     sync.note(("SET", "during-outage", 1))  # paused: not noted
     assert not sync._queue
+
+
+def test_failed_copies_back_off_and_warn_once_per_episode(caplog: pytest.LogCaptureFixture) -> None:
+    sync = RedisWarmSync()
+    caplog.set_level(logging.DEBUG, logger="failover.redis.warm")
+    pauses = [sync._failed("re-sync", ConnectionError("refused"), n) for n in range(1, 10)]
+    assert pauses[0] == RETRY_PAUSE
+    assert pauses == sorted(pauses) and pauses[-1] == RETRY_PAUSE_MAX
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "re-sync failed: ConnectionError" in warnings[0].getMessage()
+    assert sync.copy_errors == 9 and sync._resync_now.is_set()
+    sync._succeeded()
+    caplog.clear()
+    sync._failed("mirror copy", ConnectionError("refused"))
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]  # a new episode warns again
 
 
 def test_event_id_prefers_the_full_document_whose_id_keeps_its_type() -> None:

@@ -113,6 +113,10 @@ HEARTBEAT_TTL_MS = 3_600_000
 COPY_ATTEMPTS = 3
 """Tries of one copy aborted by a write captured on the fallback, while still on the primary."""
 RETRY_PAUSE = 0.2
+"""Seconds before a failed copy or re-sync is tried again; doubled at each failure in a row."""
+RETRY_PAUSE_MAX = 5.0
+LOG_AGAIN_AFTER = 30.0
+"""While copies keep failing, one warning per this many seconds (the rest at DEBUG level)."""
 
 # Per key: 'type|size|digest|ttl?' (ttl? is 1 when the key expires). Same content hash as capture.
 DIGEST_SCRIPT = _CONTENT_LUA + r"""
@@ -269,6 +273,7 @@ class RedisWarmSync(WarmSync):
         self._copy_total: int | None = None
         self._error: str | None = None
         self._failing_since: float | None = None
+        self._warned_at = 0.0
 
     # --- the primary path -------------------------------------------------------------------
 
@@ -406,16 +411,30 @@ class RedisWarmSync(WarmSync):
         tasks, self._tasks = self._tasks, []
         await cancel_and_wait(tasks)
 
-    def _failed(self, what: str, exc: BaseException) -> None:
+    def _failed(self, what: str, exc: BaseException, failures: int = 1) -> float:
+        """Record a failed copy (*failures* in a row); return the pause before the next try.
+
+        A server that stays down costs one warning per :data:`LOG_AGAIN_AFTER` seconds and a
+        try per :data:`RETRY_PAUSE_MAX` at most, not a log line per try.
+        """
         self.copy_errors += 1
         self._error = f"{what}: {type(exc).__name__}: {exc}"
+        now = time.monotonic()
         if self._failing_since is None:
-            self._failing_since = time.monotonic()
+            self._failing_since = now
         self._resync_now.set()  # what the failed copy held is covered by the next re-sync
-        logger.warning("redis: warm sync %s failed: %s", what, type(exc).__name__)
+        if now - self._warned_at >= LOG_AGAIN_AFTER or self._failing_since == now:
+            self._warned_at = now
+            logger.warning("redis: warm sync %s failed: %s (tried again until it succeeds)", what, type(exc).__name__)
+        else:
+            logger.debug("redis: warm sync %s failed again: %s", what, type(exc).__name__)
+        return min(RETRY_PAUSE * 2 ** max(0, failures - 1), RETRY_PAUSE_MAX)
 
     def _succeeded(self) -> None:
+        if self._failing_since is not None:
+            logger.info("redis: warm sync copies again after %.1f s of failures", time.monotonic() - self._failing_since)
         self._failing_since = None
+        self._warned_at = 0.0
         self._error = None
 
     def _drain(self, limit: int | None = None) -> None:
@@ -440,6 +459,7 @@ class RedisWarmSync(WarmSync):
 
     async def _mirror_loop(self) -> None:
         queue, backlog = self._queue, self._backlog
+        failures = 0
         while True:
             if not queue and not backlog:
                 self._idle = True
@@ -459,13 +479,14 @@ class RedisWarmSync(WarmSync):
             try:
                 self.mirrored_keys += await self._copy(keys)
                 self._succeeded()
+                failures = 0
             except _Stopped:
                 await asyncio.sleep(RETRY_PAUSE)  # the store left its primary: pause() follows
                 continue
             except (RedisError, OSError, TimeoutError) as exc:
                 # The keys stay in the backlog: copied once the primary answers, or after failback.
-                self._failed("mirror copy", exc)
-                await asyncio.sleep(RETRY_PAUSE)
+                failures += 1
+                await asyncio.sleep(self._failed("mirror copy", exc, failures))
                 continue
             for key in keys:
                 backlog.pop(key, None)
@@ -488,16 +509,18 @@ class RedisWarmSync(WarmSync):
         self._beat_applied = beat
 
     async def _resync_loop(self) -> None:
+        failures = 0
         while True:
             self._resync_now.clear()  # a reason to re-sync that arrives during this pass starts another
             try:
                 await self._resync()
                 self._succeeded()
+                failures = 0
             except _Stopped:
                 pass  # the store left its primary: pause() follows
             except (RedisError, OSError, TimeoutError) as exc:
-                self._failed("re-sync", exc)
-                await asyncio.sleep(RETRY_PAUSE)
+                failures += 1
+                await asyncio.sleep(self._failed("re-sync", exc, failures))
                 continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.resync_interval):

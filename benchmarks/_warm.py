@@ -11,6 +11,19 @@ really lacks (read with the raw driver).
 Both servers and the copies share this machine's two cores with the load (the Redis and MongoDB
 warm worker runs in the application's own event loop): an upper bound of the cost.
 
+``--pin``: the primary's server and this process (the load, and the Redis and MongoDB warm worker)
+run on CPU 0, the fallback's server on CPU 1, so the fallback's own work of taking the copies no
+longer competes with the primary path (a fallback on its own machine, as in production).
+
+``--primary-rtt-ms MS``: the primary is reached through a proxy, in a process of its own (on CPU 1
+with ``--pin``), that adds *MS* to every round trip (:mod:`._netem`): a cloud primary (Supabase,
+Atlas, Upstash) is at least a millisecond or so away, where loopback is 0.05 ms. The raw driver, failover and warm
+sync all go through it; the servers themselves are read and prepared directly.
+
+``--cloud`` (implies ``--primary-rtt-ms 1`` unless given): the seed's deployment on these two cores.
+The primary and the proxy run on CPU 1 (the cloud's machine and the network), this process and the
+fallback's server on CPU 0 (the application's machine, with its local fallback).
+
 A store plugs its own parts in through :class:`WarmBench`, whose defaults serve Redis and MongoDB;
 ``warm_postgres`` subclasses it for its extra modes, CPU pinning and reads with psycopg.
 """
@@ -23,10 +36,13 @@ import json
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
+import os
 from typing import Any
 
 from failover import SwitchState
+from failover.local.servers import process_tree
 
+from ._netem import delayed_primary
 from ._common import (
     KEYS,
     WORKLOADS,
@@ -37,6 +53,12 @@ from ._common import (
 )
 
 CONCURRENCY = (1, 8)
+
+
+def pin(server: Any, cpu: int) -> None:
+    """Run every process of *server* (and the ones it forks later) on *cpu*."""
+    for pid in process_tree(server.pid):
+        os.sched_setaffinity(pid, {cpu})
 
 
 class WarmBench:
@@ -51,16 +73,37 @@ class WarmBench:
 
     def __init__(self, store: str) -> None:
         self.store = store
+        self.pin = False
+        self.cloud = False
+        self.primary_rtt_s = 0.0
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add the store's own command-line options (after ``--seconds`` and ``--rounds``)."""
+        """Add the command-line options after ``--seconds`` and ``--rounds`` (a store's own: extend it)."""
+        parser.add_argument("--pin", action="store_true", help="primary and this process on CPU 0, fallback on CPU 1")
+        parser.add_argument(
+            "--primary-rtt-ms", type=float, default=None, help="milliseconds a delaying proxy adds to the primary's round trips"
+        )
+        parser.add_argument(
+            "--cloud", action="store_true", help="primary and proxy on CPU 1; this process and the fallback on CPU 0"
+        )
 
     def configure(self, args: argparse.Namespace) -> Sequence[str]:
         """Take the parsed options (and do the process-wide setup they ask for); return the modes of a round."""
+        if args.pin and args.cloud:
+            raise SystemExit("--pin and --cloud are two layouts: choose one")
+        self.cloud = args.cloud
+        if args.pin or args.cloud:
+            self.pin = True
+            os.sched_setaffinity(0, {0})
+        rtt_ms = args.primary_rtt_ms if args.primary_rtt_ms is not None else 1.0 if args.cloud else 0.0
+        self.primary_rtt_s = rtt_ms / 1000
         return ("off", "on")
 
     async def servers_started(self, primary: Any, fallback: Any) -> None:
-        """A round's fresh servers are up; nothing has been written to them yet."""
+        """A round's fresh servers are up; nothing has been written to them yet (``--pin`` pins them here)."""
+        if self.pin:
+            pin(primary, 1 if self.cloud else 0)
+            pin(fallback, 0 if self.cloud else 1)
 
     async def before_failover(self, mode: str, primary: Any, fallback: Any) -> None:
         """The raw driver's figures are taken; failover is not open yet."""
@@ -155,57 +198,70 @@ async def _crash(bench: WarmBench, dbs: Any, primary: Any, fallback: Any) -> dic
 
 async def one_round(bench: WarmBench, mode: str, seconds: float) -> dict[str, Any]:
     """The raw driver's figures, then failover's in *mode* (warm sync ``on`` only in ``on``), on fresh servers."""
-    workload = WORKLOADS[bench.store]()
     async with server_pair(bench.store) as (primary, fallback):
         await bench.servers_started(primary, fallback)
-        for server in (primary, fallback):
-            await workload.prepare(server.url)
-        result: dict[str, Any] = {"mode": mode}
-        raw, close = await workload.raw(primary.url)
+        if not bench.primary_rtt_s:
+            return await _measure(bench, mode, seconds, primary, fallback, primary.url)
+        cpu = 1 if bench.pin else None
+        async with delayed_primary(primary.url, primary.port, bench.primary_rtt_s, cpu) as primary_url:
+            result = await _measure(bench, mode, seconds, primary, fallback, primary_url)
+            result["primary_rtt_ms"] = bench.primary_rtt_s * 1000
+            return result
+
+
+async def _measure(
+    bench: WarmBench, mode: str, seconds: float, primary: Any, fallback: Any, primary_url: str
+) -> dict[str, Any]:
+    """One round's figures on started servers; clients reach the primary at *primary_url*."""
+    workload = WORKLOADS[bench.store]()
+    for server in (primary, fallback):
+        await workload.prepare(server.url)
+    result: dict[str, Any] = {"mode": mode}
+    raw, close = await workload.raw(primary_url)
+    try:
+        await _closed_loop(raw, 1, 0.5)  # warm-up
+        for c in CONCURRENCY:
+            result[f"raw_us_c{c}"] = await _closed_loop(raw, c, seconds)
+    finally:
+        await close()
+    await bench.before_failover(mode, primary, fallback)
+    warm = "on" if mode == "on" else "off"
+    dbs = await open_databases(bench.store, primary_url, fallback.url, FAILOVER_WARM=warm)
+    try:
+        failover = dbs.store(bench.store)
+        if mode == "on":
+            await wait_until(
+                lambda: failover.status()["warm"]["state"] == "streaming",
+                bench.streaming_timeout_s,
+                "warm sync streaming",
+            )
+        await bench.failover_ready(mode, primary)
+        op = workload.via(dbs)
+        await _closed_loop(op, 1, 0.5)
+        lags: list[float] = []
+
+        async def sample() -> None:
+            while True:
+                lag = failover.status()["warm"]["lag_s"]
+                if lag is not None:
+                    lags.append(lag)
+                await asyncio.sleep(0.02)
+
+        sampler = asyncio.create_task(sample())
         try:
-            await _closed_loop(raw, 1, 0.5)  # warm-up
             for c in CONCURRENCY:
-                result[f"raw_us_c{c}"] = await _closed_loop(raw, c, seconds)
+                result[f"failover_us_c{c}"] = await _closed_loop(op, c, seconds)
+                result[f"ratio_c{c}"] = result[f"failover_us_c{c}"] / result[f"raw_us_c{c}"]
         finally:
-            await close()
-        await bench.before_failover(mode, primary, fallback)
-        warm = "on" if mode == "on" else "off"
-        dbs = await open_databases(bench.store, primary.url, fallback.url, FAILOVER_WARM=warm)
-        try:
-            failover = dbs.store(bench.store)
-            if mode == "on":
-                await wait_until(
-                    lambda: failover.status()["warm"]["state"] == "streaming",
-                    bench.streaming_timeout_s,
-                    "warm sync streaming",
-                )
-            await bench.failover_ready(mode, primary)
-            op = workload.via(dbs)
-            await _closed_loop(op, 1, 0.5)
-            lags: list[float] = []
-
-            async def sample() -> None:
-                while True:
-                    lag = failover.status()["warm"]["lag_s"]
-                    if lag is not None:
-                        lags.append(lag)
-                    await asyncio.sleep(0.02)
-
-            sampler = asyncio.create_task(sample())
-            try:
-                for c in CONCURRENCY:
-                    result[f"failover_us_c{c}"] = await _closed_loop(op, c, seconds)
-                    result[f"ratio_c{c}"] = result[f"failover_us_c{c}"] / result[f"raw_us_c{c}"]
-            finally:
-                sampler.cancel()
-            if mode == "on":
-                result["lag_p50_ms"] = _ms(percentile(lags, 50))
-                result["lag_p99_ms"] = _ms(percentile(lags, 99))
-                result["lag_max_ms"] = _ms(max(lags) if lags else None)
-                result.update(await _crash(bench, dbs, primary, fallback))
-        finally:
-            await dbs.close()
-        return result
+            sampler.cancel()
+        if mode == "on":
+            result["lag_p50_ms"] = _ms(percentile(lags, 50))
+            result["lag_p99_ms"] = _ms(percentile(lags, 99))
+            result["lag_max_ms"] = _ms(max(lags) if lags else None)
+            result.update(await _crash(bench, dbs, primary, fallback))
+    finally:
+        await dbs.close()
+    return result
 
 
 def _print_summary(rounds: list[dict[str, Any]], modes: Sequence[str]) -> None:

@@ -34,16 +34,8 @@ from typing import Any
 
 import psycopg
 
-from failover.local.servers import process_tree
-
 from ._common import KEYS, PG_TABLE, wait_until
 from ._warm import WarmBench, main
-
-
-def _pin(server: Any, cpu: int) -> None:
-    """Run every process of *server* (and the backends it forks later) on *cpu*."""
-    for pid in process_tree(server.pid):
-        os.sched_setaffinity(pid, {cpu})
 
 
 def _walsenders(primary: Any) -> list[int]:
@@ -57,25 +49,17 @@ class PostgresWarm(WarmBench):
     rounds_help = "alternations of the modes"
     streaming_timeout_s = 30.0
     failed_write_pause_s = 0.0
-    pin = False
     pin_walsender = False
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        super().add_arguments(parser)
         parser.add_argument("--modes", default="off,on", help="comma-separated: off, on, native")
-        parser.add_argument("--pin", action="store_true", help="primary and this process on CPU 0, fallback on CPU 1")
         parser.add_argument("--pin-walsender", action="store_true", help="with --pin: the primary's walsender on CPU 1")
 
     def configure(self, args: argparse.Namespace) -> Sequence[str]:
-        if args.pin:
-            self.pin = True
-            self.pin_walsender = args.pin_walsender
-            os.sched_setaffinity(0, {0})
+        super().configure(args)
+        self.pin_walsender = self.pin and args.pin_walsender
         return [m.strip() for m in args.modes.split(",") if m.strip()]
-
-    async def servers_started(self, primary: Any, fallback: Any) -> None:
-        if self.pin:
-            _pin(primary, 0)
-            _pin(fallback, 1)
 
     async def before_failover(self, mode: str, primary: Any, fallback: Any) -> None:
         if mode == "native":

@@ -77,7 +77,9 @@ def reads_and_writes(dbs: Databases) -> Callable[[int], Any]:
 
 async def test_healthy_start_serves_from_primary(redis_pair: tuple[LocalServer, LocalServer]) -> None:
     primary, fallback = redis_pair
-    dbs = await databases(primary, fallback)
+    # Warm sync off: the fallback must stay untouched by routing (with it on, its mirror copies
+    # these writes into the fallback on purpose: tests/integration/test_redis_warm.py).
+    dbs = await databases(primary, fallback, FAILOVER_WARM="off")
     try:
         status = dbs.status()
         assert status["overall_status"] == "healthy"

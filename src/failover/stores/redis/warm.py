@@ -256,6 +256,7 @@ class RedisWarmSync(WarmSync):
         self._scripts: dict[tuple[int, str], Any] = {}
         self._lock = asyncio.Lock()  # one copy at a time: a slow read must not overwrite a newer copy
         self._tasks: list[asyncio.Task[None]] = []
+        self._generation = 0  # bumped whenever the tasks are stopped: a loop of an older one ends
         self._endpoints: tuple[Endpoint, Endpoint] | None = None
         # What the status reports.
         self.queue_overflows = 0
@@ -322,6 +323,7 @@ class RedisWarmSync(WarmSync):
         return client
 
     async def close(self) -> None:
+        self._active = False  # a copy still running stops at its next check
         await self._stop_tasks()
         clients, self._clients = list(self._clients.values()), {}
         self._scripts.clear()
@@ -401,13 +403,18 @@ class RedisWarmSync(WarmSync):
         if not self._tasks or any(task.done() for task in self._tasks):
             for task in self._tasks:
                 task.cancel()
+            self._generation += 1
             loop = asyncio.get_running_loop()
             self._tasks = [
-                loop.create_task(self._mirror_loop(), name="failover redis warm mirror"),
-                loop.create_task(self._resync_loop(), name="failover redis warm re-sync"),
+                loop.create_task(self._mirror_loop(self._generation), name="failover redis warm mirror"),
+                loop.create_task(self._resync_loop(self._generation), name="failover redis warm re-sync"),
             ]
 
     async def _stop_tasks(self) -> None:
+        # A loop whose cancellation Python 3.11 swallowed (a cancel landing as an asyncio.timeout
+        # inside a driver call expires becomes a TimeoutError the loop handles) ends at its next
+        # turn anyway: it belongs to an older generation.
+        self._generation += 1
         tasks, self._tasks = self._tasks, []
         await cancel_and_wait(tasks)
 
@@ -457,10 +464,10 @@ class RedisWarmSync(WarmSync):
                 self.queue_overflows += 1
             self._resync_now.set()
 
-    async def _mirror_loop(self) -> None:
+    async def _mirror_loop(self, generation: int) -> None:
         queue, backlog = self._queue, self._backlog
         failures = 0
-        while True:
+        while generation == self._generation:
             if not queue and not backlog:
                 self._idle = True
                 self._wakeup.clear()
@@ -508,9 +515,9 @@ class RedisWarmSync(WarmSync):
             return
         self._beat_applied = beat
 
-    async def _resync_loop(self) -> None:
+    async def _resync_loop(self, generation: int) -> None:
         failures = 0
-        while True:
+        while generation == self._generation:
             self._resync_now.clear()  # a reason to re-sync that arrives during this pass starts another
             try:
                 await self._resync()

@@ -179,6 +179,7 @@ class MongoWarmSync(WarmSync):
         self._endpoints: tuple[Endpoint, Endpoint] | None = None
         self._collections: dict[str, _Collection] = {}
         self._task: asyncio.Task[None] | None = None
+        self._generation = 0  # bumped when the loop is stopped: a loop of an older one ends
         self._next_discover = 0.0
         self._held_beats: list[tuple[int, int]] = []  # (round read in, heartbeat number) not yet written
         self._rounds = 0
@@ -211,6 +212,7 @@ class MongoWarmSync(WarmSync):
         return self._client(endpoint).get_database(endpoint.option("database") or DEFAULT_DATABASE)
 
     async def close(self) -> None:
+        self._active = False
         await self._stop()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
@@ -319,21 +321,30 @@ class MongoWarmSync(WarmSync):
 
     def _start(self) -> None:
         self._active = True
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="failover mongodb warm sync")
+        task = self._task
+        if task is None or task.done() or task.cancelling():
+            self._generation += 1
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(self._generation), name="failover mongodb warm sync"
+            )
 
     async def _stop(self) -> None:
-        task, self._task = self._task, None
-        # Python 3.11 may swallow a cancel() landing as an inner timeout expires: cancel until it ends.
+        # The loop ends at its next turn even if its cancel is lost (Python 3.11 may swallow a
+        # cancel() landing as an inner timeout expires) or this wait is itself cancelled (a
+        # deadline around pause()): the reference is kept until it has ended, for close().
+        self._generation += 1
+        task = self._task
         while task is not None and not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=0.5)
+        if self._task is task:
+            self._task = None
 
     # --- the loop ---------------------------------------------------------------------------
 
-    async def _loop(self) -> None:
+    async def _loop(self, generation: int) -> None:
         idle = 0  # consecutive rounds that applied nothing
-        while True:
+        while generation == self._generation:
             started = time.monotonic()
             try:
                 busy = await self._round()

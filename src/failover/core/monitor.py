@@ -9,6 +9,8 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from .tasks import cancel_and_wait
+
 if TYPE_CHECKING:
     from .store import FailoverStore
 
@@ -50,10 +52,7 @@ class Monitor:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait([task])
 
     async def _run(self) -> None:
         last_round = time.monotonic()

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from .._urls import redact_text
 from .endpoint import Endpoint, Role
 from .events import ConflictResolved, ReconcileCompleted, ReconcileStarted, SwitchState, TransitionCause
+from .tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from .store import FailoverStore
@@ -377,11 +378,7 @@ class Reconciler:
         self._task = task
 
     async def stop(self) -> None:
-        for task in (self._task, self._refreshing):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_and_wait([self._task, self._refreshing])
         self._task = self._refreshing = None
 
     # --- the run ----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from .endpoint import Endpoint, Role
 from .events import StateChanged, SwitchState
 from .reasons import describe_exception
+from .tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from .store import FailoverStore
@@ -186,14 +187,7 @@ class WarmDriver:
 
     async def stop(self) -> None:
         self._unsubscribe()
-        task = self._task
-        # Python 3.11 swallows a cancel() that lands as the loop's own wait times out
-        # (asyncio.timeout turns it into the TimeoutError the loop ignores): cancel until it ends.
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.5)
-        if task is not None and task.done() and not task.cancelled():
-            task.exception()  # retrieved: a crashed loop must not log "never retrieved" at exit
+        await cancel_and_wait([self._task])
         self._task = None
         with contextlib.suppress(Exception):
             await self.sync.close()

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 
 from ..databases import Databases
 from ..settings import STORES
+from ..core.tasks import cancel_and_wait
 from .auth import require_token
 from .deps import get_databases
 
@@ -149,10 +150,7 @@ class RecentConflicts:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([task])
 
 
 def recent_conflicts(request: Request) -> RecentConflicts:

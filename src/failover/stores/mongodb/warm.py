@@ -78,6 +78,7 @@ from pymongo import AsyncMongoClient, DeleteOne, ReplaceOne
 from pymongo.errors import OperationFailure, PyMongoError
 
 from ...core.endpoint import Endpoint
+from ...core.tasks import cancel_and_wait
 from ...core.warm import SyncProgress, WarmSync
 from .capture import JOURNAL, LIBRARY_COLLECTIONS, journal_key
 from .urls import DEFAULT_DATABASE, client_options
@@ -329,14 +330,11 @@ class MongoWarmSync(WarmSync):
             )
 
     async def _stop(self) -> None:
-        # The loop ends at its next turn even if its cancel is lost (Python 3.11 may swallow a
-        # cancel() landing as an inner timeout expires) or this wait is itself cancelled (a
-        # deadline around pause()): the reference is kept until it has ended, for close().
+        # The loop ends at its next turn even if this wait is itself cancelled (a deadline around
+        # pause()): the reference is kept until it has ended, for close().
         self._generation += 1
         task = self._task
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.5)
+        await cancel_and_wait([task])
         if self._task is task:
             self._task = None
 

@@ -75,6 +75,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
 
 from ...core.endpoint import Endpoint
+from ...core.tasks import cancel_and_wait
 from ...core.warm import SyncProgress, WarmSync
 from .capture import (
     _CONTENT_LUA,
@@ -173,23 +174,6 @@ for i = 2, #KEYS do
 end
 return written
 """
-
-
-async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel *tasks* and return once they ended.
-
-    Python 3.11 swallows a ``cancel()`` that lands as an ``asyncio.timeout`` around a wait
-    expires (the loops wait that way): it is cancelled again until it ends.
-    """
-    pending = [t for t in tasks if not t.done()]
-    while pending:
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending, timeout=0.5)
-        pending = [t for t in pending if not t.done()]
-    for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            logger.debug("warm sync task %s ended with %r", task.get_name(), task.exception())
 
 
 _WRITE_NAMES = frozenset(

@@ -298,8 +298,15 @@ async def test_cli_kill_then_start_while_local_up_serve_runs_leaves_no_zombie(st
         _, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, err.decode()[-2000:]
     assert not (stack_dir / "control.sock").exists()
-    # Every server of the run is gone for good: not running, and not a zombie either.
-    assert [p for p in every_pid if Path(f"/proc/{p}").exists()] == []
+    # Every server of the run is gone for good: not running, and not a zombie either. A server's own
+    # children (PostgreSQL backends) outlive its main process by a moment, and the init process that
+    # inherits them reaps them on its own schedule (in CI's container, seconds under load).
+    def left() -> list[int]:
+        return [p for p in every_pid if Path(f"/proc/{p}").exists()]
+
+    with contextlib.suppress(AssertionError):  # the assertion below names what is left
+        await _wait_until(lambda: not left(), 10, "every server process gone")
+    assert left() == []
 
 
 async def test_drill_is_delegated(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@ the ids and heartbeat numbers read from change events (including nx-27017's quir
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -102,3 +103,22 @@ def test_heartbeat_number_comes_from_the_event_itself() -> None:
     assert _beat_number(update, "me") == 5
     assert _beat_number({"fullDocument": {"_id": "other", "n": 9}, "documentKey": {"_id": "other"}}, "me") is None
 
+
+
+async def test_stopped_loops_end_at_once_even_when_their_cancel_is_lost() -> None:
+    sync = RedisWarmSync(resync_interval=3600)
+    sync._active = True
+    generation = sync._generation
+    # Both loops idle: the mirror waits for a write, the re-sync for its next hour.
+    sync._resync_now.set()  # not set by a copy here: lets the first pass end at once
+    sync._resync = _no_resync  # type: ignore[method-assign]
+    mirror = asyncio.create_task(sync._mirror_loop(generation))
+    resync = asyncio.create_task(sync._resync_loop(generation))
+    await asyncio.sleep(0.05)
+    assert not mirror.done() and not resync.done()
+    sync._next_generation()  # what _stop_tasks does before it cancels: no cancel() reaches them here
+    await asyncio.wait_for(asyncio.gather(mirror, resync), 2)
+
+
+async def _no_resync() -> None:
+    return None

@@ -387,7 +387,7 @@ class RedisWarmSync(WarmSync):
         if not self._tasks or any(task.done() for task in self._tasks):
             for task in self._tasks:
                 task.cancel()
-            self._generation += 1
+            self._next_generation()
             loop = asyncio.get_running_loop()
             self._tasks = [
                 loop.create_task(self._mirror_loop(self._generation), name="failover redis warm mirror"),
@@ -395,12 +395,21 @@ class RedisWarmSync(WarmSync):
             ]
 
     async def _stop_tasks(self) -> None:
-        # A loop whose cancellation Python 3.11 swallowed (a cancel landing as an asyncio.timeout
-        # inside a driver call expires becomes a TimeoutError the loop handles) ends at its next
-        # turn anyway: it belongs to an older generation.
-        self._generation += 1
+        self._next_generation()
         tasks, self._tasks = self._tasks, []
         await cancel_and_wait(tasks)
+
+    def _next_generation(self) -> None:
+        """End the running loops at their next turn, and wake them now so that turn comes at once.
+
+        A loop whose cancel Python 3.11 swallowed (a cancel landing as an ``asyncio.timeout`` inside
+        a driver call expires becomes a ``TimeoutError`` the loop handles), or whose ``_stop_tasks``
+        was itself cancelled by a deadline, would otherwise wait for its next write or re-sync
+        (up to a minute) before it noticed.
+        """
+        self._generation += 1
+        self._wakeup.set()
+        self._resync_now.set()
 
     def _failed(self, what: str, exc: BaseException, failures: int = 1) -> float:
         """Record a failed copy (*failures* in a row); return the pause before the next try.
@@ -457,6 +466,8 @@ class RedisWarmSync(WarmSync):
                 self._wakeup.clear()
                 if not queue:
                     await self._wakeup.wait()
+                    if generation != self._generation:
+                        return
                 self._idle = False
             if self.mirror_delay and len(queue) + len(backlog) < self.batch:
                 # Light load: let writes accumulate (a hot key is copied once per delay). Under a

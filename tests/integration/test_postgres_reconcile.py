@@ -296,7 +296,9 @@ async def test_apply_sessions_are_not_captured(pg_pair: tuple[LocalServer, Local
 async def test_reconcile_off_keeps_the_old_behaviour(pg_pair: tuple[LocalServer, LocalServer]) -> None:
     primary, fallback = pg_pair
     on_both(pg_pair, ITEMS)
-    dbs = await start(pg_pair, FAILOVER_RECONCILE="false")
+    # Warm sync off as well: it keeps its own objects in the fallback's failover schema, and the
+    # behaviour from before both features installs nothing there.
+    dbs = await start(pg_pair, FAILOVER_RECONCILE="false", FAILOVER_WARM="off")
     try:
         assert dbs.status()["postgres"]["reconcile"] == {"enabled": False}
         await outage(dbs, primary)

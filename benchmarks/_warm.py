@@ -155,6 +155,34 @@ async def _closed_loop(op: Callable[[int], Awaitable[Any]], workers: int, second
     return (time.monotonic() - started) * 1e6 / max(1, done)
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by *pid* and the processes below it."""
+    total = 0
+    for one in process_tree(pid):
+        try:
+            fields = open(f"/proc/{one}/stat").read().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def _costed_loop(
+    op: Callable[[int], Awaitable[Any]], workers: int, seconds: float, servers: dict[str, Any]
+) -> tuple[float, dict[str, float]]:
+    """:func:`_closed_loop`, plus the CPU µs per operation of this process and of each of *servers*."""
+
+    def cpu() -> dict[str, float]:
+        times = os.times()
+        return {"app": times.user + times.system, **{name: _cpu_s(s.pid) for name, s in servers.items()}}
+
+    before, started = cpu(), time.monotonic()
+    us = await _closed_loop(op, workers, seconds)
+    after, elapsed = cpu(), time.monotonic() - started
+    ops = max(1.0, elapsed * 1e6 / us)
+    return us, {name: round((after[name] - before[name]) * 1e6 / ops, 1) for name in before}
+
+
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 2)
 
@@ -250,7 +278,11 @@ async def _measure(
         sampler = asyncio.create_task(sample())
         try:
             for c in CONCURRENCY:
-                result[f"failover_us_c{c}"] = await _closed_loop(op, c, seconds)
+                result[f"failover_us_c{c}"], cpu = await _costed_loop(
+                    op, c, seconds, {"primary": primary, "fallback": fallback}
+                )
+                for name, us in cpu.items():  # where the time went: CPU µs per operation
+                    result[f"cpu_{name}_us_c{c}"] = us
                 result[f"ratio_c{c}"] = result[f"failover_us_c{c}"] / result[f"raw_us_c{c}"]
         finally:
             sampler.cancel()
@@ -275,6 +307,13 @@ def _print_summary(rounds: list[dict[str, Any]], modes: Sequence[str]) -> None:
             via = statistics.median(r[f"failover_us_c{c}"] for r in mine)
             ratio = statistics.median(r[f"ratio_c{c}"] for r in mine)
             print(f"| {mode} | {c} | {raw:.0f} | {via:.0f} | {ratio:.2f} |")
+    print("\n| warm | concurrency | CPU µs/op: this process | primary | fallback |")
+    print("|---|---|---|---|---|")
+    for mode in modes:
+        mine = [r for r in rounds if r["mode"] == mode]
+        for c in CONCURRENCY:
+            cells = [statistics.median(r[f"cpu_{name}_us_c{c}"] for r in mine) for name in ("app", "primary", "fallback")]
+            print(f"| {mode} | {c} | " + " | ".join(f"{v:.0f}" for v in cells) + " |")
     on = [r for r in rounds if r["mode"] == "on"]
     for c in CONCURRENCY if on and "off" in modes else ():
         off_ratio = statistics.median(r[f"ratio_c{c}"] for r in rounds if r["mode"] == "off")

@@ -7,6 +7,7 @@ tested, never the way to verify it.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -207,14 +208,18 @@ async def test_warm_off_leaves_the_fallback_cold(mongo_pair: tuple[LocalServer, 
 async def test_without_change_streams_the_collections_are_compared(
     mongo_pair: tuple[LocalServer, LocalServer], raw: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A primary whose watch() fails (a standalone mongod: code 40573): periodic comparison."""
-    from pymongo.asynchronous.collection import AsyncCollection
+    """A primary that refuses change streams (a standalone mongod: code 40573): periodic comparison."""
+    from pymongo.asynchronous.database import AsyncDatabase
     from pymongo.errors import OperationFailure
 
-    async def no_change_streams(self: Any, *args: Any, **kwargs: Any) -> Any:
-        raise OperationFailure("The $changeStream stage is only supported on replica sets", code=40573)
+    command = AsyncDatabase.command
 
-    monkeypatch.setattr(AsyncCollection, "watch", no_change_streams)
+    async def no_change_streams(self: Any, spec: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(spec, dict) and any("$changeStream" in stage for stage in spec.get("pipeline", ())):
+            raise OperationFailure("The $changeStream stage is only supported on replica sets", code=40573)
+        return await command(self, spec, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncDatabase, "command", no_change_streams)
     primary, fallback = mongo_pair
     p, f = raw(primary), raw(fallback)
     await p["items"].insert_many([{"_id": i, "note": f"before {i}"} for i in range(100)])
@@ -307,5 +312,117 @@ async def test_generated_ids_are_synced(mongo_pair: tuple[LocalServer, LocalServ
         assert (await f["items"].find_one({"_id": generated}))["note"] == "generated id, updated"
         assert warm(dbs)["apply_errors"] == 0, warm(dbs)
         assert warm(dbs)["state"] == "streaming", warm(dbs)
+    finally:
+        await dbs.close()
+
+
+async def test_dates_binary_and_object_ids_keep_their_types_on_the_fallback(
+    mongo_pair: tuple[LocalServer, LocalServer], raw: Any
+) -> None:
+    """Events' images are copied as they are only when nothing in them can have been rewritten
+    (nx-27017 sends dates, ObjectIds and bytes in its storage form): the rest are read."""
+    from bson import Binary, ObjectId
+
+    primary, fallback = mongo_pair
+    p, f = raw(primary), raw(fallback)
+    dbs = await start(primary, fallback)
+    try:
+        items = dbs.mongodb.database["items"]
+        await items.insert_one({"_id": 0, "note": "seed"})
+        await streaming(dbs)
+        deadline = time.monotonic() + 10
+        while await f["items"].find_one({"_id": 0}) is None:  # copied: its stream is open
+            assert time.monotonic() < deadline, warm(dbs)
+            await asyncio.sleep(0.05)
+        at = datetime.datetime(2026, 11, 29, 12, 0, 0, 123000)
+        await items.insert_many(
+            [
+                {"_id": 1, "at": at, "ref": ObjectId(), "blob": Binary(b"\x00\x01"), "nested": [{"at": at}]},
+                {"_id": 2, "note": "plain"},
+            ]
+        )
+        await items.update_one({"_id": 2}, {"$set": {"note": "plain, updated", "at": at}})
+        await items.replace_one({"_id": 0}, {"_id": 0, "note": "replaced"})
+
+        async def same() -> bool:
+            ours = sorted([repr(d) async for d in f["items"].find({})])
+            theirs = sorted([repr(d) async for d in p["items"].find({})])
+            return ours == theirs and len(theirs) == 3
+
+        deadline = time.monotonic() + 10
+        while not await same():
+            assert time.monotonic() < deadline, (warm(dbs), [d async for d in f["items"].find({})])
+            await asyncio.sleep(0.05)
+        copied = await f["items"].find_one({"_id": 1})
+        assert copied["at"] == at and isinstance(copied["ref"], ObjectId) and copied["blob"] == b"\x00\x01"
+        assert warm(dbs)["looked_up_documents"] >= 1, warm(dbs)  # document 1: its image was not taken
+        assert warm(dbs)["apply_errors"] == 0, warm(dbs)
+    finally:
+        await dbs.close()
+
+
+async def test_under_writers_that_never_pause_the_stream_is_read_a_batch_at_a_time(
+    mongo_pair: tuple[LocalServer, LocalServer], raw: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PyMongo's change stream asks for the next batch as soon as one is used up: under a steady
+    writer that was a ``getMore`` per write or two on the primary, and a stream never seen read
+    to its end, so heartbeats stayed held and the lag grew to seconds. One ``getMore`` per round
+    now, and heartbeats reach the fallback while the writers go on."""
+    from pymongo.asynchronous.database import AsyncDatabase
+
+    command = AsyncDatabase.command
+    get_mores = 0
+
+    async def counting(self: Any, spec: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal get_mores
+        if isinstance(spec, dict) and "getMore" in spec and spec.get("collection") == "items":
+            get_mores += 1
+        return await command(self, spec, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncDatabase, "command", counting)
+    primary, fallback = mongo_pair
+    p, f = raw(primary), raw(fallback)
+    dbs = await start(primary, fallback)
+    sync = dbs.store("mongodb").warm.sync  # type: ignore[union-attr]
+    items = dbs.mongodb.database["items"]
+    written = 0
+    stop = asyncio.Event()
+
+    async def writer(first: int) -> None:
+        nonlocal written
+        i = first
+        while not stop.is_set():
+            await items.insert_one({"_id": i, "note": f"n{i}"})
+            written += 1
+            i += 4
+
+    async def beat_on_fallback() -> int:
+        doc = await f["failover_warm_heartbeat"].find_one({"_id": sync.heartbeat_id})
+        return 0 if doc is None else int(doc["n"])
+
+    try:
+        await items.insert_one({"_id": -1, "note": "seed"})
+        await streaming(dbs)
+        await wait_for(lambda: "items" in warm(dbs)["streamed_collections"], 10, "items streamed")
+        get_mores = 0
+        writers = [asyncio.create_task(writer(k)) for k in range(4)]
+        try:
+            first_beat = await beat_on_fallback()
+            deadline = time.monotonic() + 30
+            while await beat_on_fallback() < first_beat + 3 or written < 1000:
+                assert time.monotonic() < deadline, (written, get_mores, warm(dbs))
+                assert not any(w.done() for w in writers), [w.exception() for w in writers if w.done()]
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.gather(*writers)
+        # Heartbeats were applied while every writer kept writing; far fewer getMores than writes.
+        assert get_mores * 5 < written, (get_mores, written)
+        deadline = time.monotonic() + 20
+        while await notes(f["items"]) != await notes(p["items"]):
+            assert time.monotonic() < deadline, warm(dbs)
+            await asyncio.sleep(0.1)
+        assert warm(dbs)["apply_errors"] == 0, warm(dbs)
+        print(f"{written} writes, {get_mores} getMores on items")
     finally:
         await dbs.close()

@@ -9,7 +9,11 @@ import logging
 import pytest
 from bson import ObjectId
 
-from failover.stores.mongodb.warm import _NO_ID, _beat_number, _event_id
+import bson
+from bson.codec_options import DEFAULT_CODEC_OPTIONS
+from bson.raw_bson import RawBSONDocument
+
+from failover.stores.mongodb.warm import FULL_BATCH_BYTES, _DELETED, _NO_ID, _beat_number, _event_id, _image, _Stream
 from failover.stores.redis.warm import _BEAT, RETRY_PAUSE, RETRY_PAUSE_MAX, RedisWarmSync
 
 
@@ -122,3 +126,83 @@ async def test_stopped_loops_end_at_once_even_when_their_cancel_is_lost() -> Non
 
 async def _no_resync() -> None:
     return None
+
+
+class _Server:
+    """Answers a change stream's commands from a script (the stream only sends and reads them)."""
+
+    codec_options = DEFAULT_CODEC_OPTIONS
+
+    def __init__(self, *cursors: dict[str, object]) -> None:
+        self.cursors = list(cursors)
+        self.sent: list[dict[str, object]] = []
+
+    async def command(self, spec: dict[str, object], session: object = None, codec_options: object = None) -> object:
+        self.sent.append(spec)
+        reply = {"ok": 1, "cursor": self.cursors.pop(0)}
+        return RawBSONDocument(bson.encode(reply)) if codec_options is not None else reply
+
+
+def _events(*numbers: int, note: str = "") -> list[dict[str, object]]:
+    return [{"_id": {"_data": f"t{n}"}, "operationType": "insert", "fullDocument": {"_id": n, "note": note}} for n in numbers]
+
+
+async def test_a_stream_read_says_when_the_server_had_no_more() -> None:
+    server = _Server(
+        {"id": 7, "firstBatch": _events(1), "postBatchResumeToken": {"_data": "t1"}},
+        {"id": 7, "nextBatch": _events(2, 3, 4)},  # a full batch (3 asked): maybe more
+        {"id": 7, "nextBatch": _events(5), "postBatchResumeToken": {"_data": "p9"}},  # fewer: read to its end
+        {"id": 7, "nextBatch": []},
+    )
+    stream = _Stream(server, "items", None, 3)
+    await stream.open(None)
+    assert server.sent[0]["pipeline"] == [{"$changeStream": {}}]
+    assert await stream.read(20) == (_events(1), False)  # the first batch, then the server is asked
+    assert await stream.read(20) == (_events(2, 3, 4), False)
+    assert stream.token == {"_data": "t4"}  # no postBatchResumeToken: the last event's own
+    assert await stream.read(20) == (_events(5), True)
+    assert stream.token == {"_data": "p9"}
+    assert await stream.read(20) == ([], True)
+    assert stream.token == {"_data": "p9"}  # nothing new: where it was
+    assert server.sent[1] == {"getMore": 7, "collection": "items", "batchSize": 3, "maxTimeMS": 20}
+    assert stream.open_cursor
+
+
+async def test_a_batch_cut_by_size_is_not_taken_for_the_end_of_the_stream() -> None:
+    big = "x" * (FULL_BATCH_BYTES // 2)
+    server = _Server({"id": 7, "firstBatch": []}, {"id": 7, "nextBatch": _events(1, 2, note=big)})
+    stream = _Stream(server, "items", None, 1000)
+    await stream.open({"_data": "t0"})
+    assert server.sent[0]["pipeline"] == [{"$changeStream": {"resumeAfter": {"_data": "t0"}}}]
+    assert stream.token == {"_data": "t0"}
+    events, drained = await stream.read(20)
+    assert len(events) == 2 and not drained
+
+
+async def test_a_cursor_the_server_closed_is_reported() -> None:
+    server = _Server({"id": 7, "firstBatch": []}, {"id": 0, "nextBatch": []})
+    stream = _Stream(server, "items", None, 10)
+    await stream.open(None)
+    await stream.read(20)
+    assert not stream.open_cursor
+    await stream.close()  # nothing to kill
+    assert len(server.sent) == 2
+
+
+def test_an_events_image_is_used_only_when_it_cannot_have_been_rewritten() -> None:
+    doc = {"_id": 1, "note": "n", "tags": [{"a": 1}, 2], "nested": {"x": None}}
+    assert _image({"operationType": "insert", "fullDocument": doc}, 1) is doc
+    assert _image({"operationType": "replace", "fullDocument": doc}, 1) is doc
+    assert _image({"operationType": "update", "fullDocument": doc}, 1) is doc
+    assert _image({"operationType": "delete", "documentKey": {"_id": 1}}, 1) is _DELETED
+    # MongoDB's update events carry no document: read it on the primary.
+    assert _image({"operationType": "update", "updateDescription": {"updatedFields": {"note": "m"}}}, 1) is None
+    # nx-27017's storage forms of a date, an ObjectId, binary data — nested anywhere.
+    assert _image({"operationType": "insert", "fullDocument": {"_id": 1, "at": {"$date": "2026-01-02T00:00:00"}}}, 1) is None
+    wrapped = {"__neosqlite_objectid__": True, "id": "6b0c187d61834d46fc78de03"}
+    assert _image({"operationType": "insert", "fullDocument": {"_id": 1, "l": [[{"ref": wrapped}]]}}, 1) is None
+    assert _image({"operationType": "insert", "fullDocument": {"_id": wrapped}}, ObjectId("6b0c187d61834d46fc78de03")) is None
+    # An image of another document, or none at all.
+    assert _image({"operationType": "insert", "fullDocument": {"_id": 2}}, 1) is None
+    assert _image({"operationType": "insert", "fullDocument": None}, 1) is None
+    assert _image({"operationType": "drop"}, 1) is None

@@ -10,14 +10,22 @@ collection of the configured database:
   stream is read from that token: a change made during the copy arrives once
   more, harmlessly (see the next point). Progress: documents done of the
   primary's estimated count.
-* **Streaming** — events only say *which* documents changed: each batch reads
-  those documents' current state on the primary (one ``$in`` query per
-  collection) and writes it (or deletes it) on the fallback with one unordered
-  ``bulk_write``. A final state, never an event's image: replaying an old event
-  cannot bring an old version back, so resuming from an older token is always
-  safe. After each applied batch the stream's resume token is stored on the
-  fallback (``failover_warm``, one document per collection): a new process
-  resumes from it without a new copy.
+* **Streaming** — each batch of events is applied to the fallback with one
+  unordered ``bulk_write`` per collection: for each changed document, the image
+  its *last* event in the batch carries (``insert`` and ``replace`` events carry
+  the whole document; :func:`_image` says when one is trusted), ``DeleteOne``
+  for a delete, and for the rest (MongoDB's ``update`` events carry no document;
+  images in a server's storage form) its current state read on the primary with
+  one ``$in`` query. Batches are applied in stream order, so the fallback holds
+  each document as the primary had it at some point no older than the stream's
+  position; resuming from an older token replays older images first and the
+  newer ones after them (the heartbeat below waits for those too). After each
+  applied batch the stream's resume token is stored on the fallback
+  (``failover_warm``, one document per collection): a new process resumes from
+  it without a new copy. Streams are read with the server's own
+  ``aggregate``/``getMore`` commands (:class:`_Stream`), one whole batch per
+  ``getMore``, so a round costs the primary one ``getMore`` per stream however
+  fast the application writes, and knows when a stream was read to its end.
 * **Comparison** where change streams are not available (a standalone primary,
   a server without them: ``watch()`` fails): the same ``_id``-ordered
   comparison as the initial copy, every :data:`DEFAULT_COMPARE_INTERVAL`
@@ -32,15 +40,17 @@ Never against reconcile:
   checks first that the store is still on its primary.
 * :meth:`MongoWarmSync.pause` (at failover) ends the loop and closes the
   streams; :meth:`MongoWarmSync.resume` (after failback) reopens them from the
-  stored tokens: the events since (including the writes reconcile copied into
-  the primary) are applied as final states, so nothing reconciled is undone and
-  nothing is copied again.
+  stored tokens: the events since — the writes the primary took before it died,
+  then the documents reconcile copied into it — are applied in that order, so
+  once the stream is read to its end nothing reconciled is undone, and nothing
+  is copied again.
 
 Lag: a heartbeat document in ``failover_warm_heartbeat`` on the primary (one per
 process) travels through its own change stream, polled first in each round and
-applied last, and only once every data stream has been read to its end in that
-round or a later one: a heartbeat seen on the fallback means every change made
-before it was applied too. Collections that are compared instead of streamed are not covered by it
+applied last, and only once every data stream has been read to its end (a
+``getMore`` answered with less than a full batch) in that round or a later one:
+a heartbeat seen on the fallback means every change made before it was applied
+too. Collections that are compared instead of streamed are not covered by it
 (their lag is the comparison interval).
 
 On ``nx-27017`` (the test servers), measured: collection ``watch()`` works
@@ -67,6 +77,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import secrets
 import time
@@ -74,6 +85,8 @@ from typing import Any
 
 import bson
 from bson import ObjectId
+from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient, DeleteOne, ReplaceOne
 from pymongo.errors import OperationFailure, PyMongoError
 
@@ -109,10 +122,16 @@ load a round then gathers many events, so the primary's lookups and the fallback
 one ``find`` and one ``bulk_write`` per batch, not per write; it adds at most this to the lag."""
 TOKEN_SAVE_INTERVAL = 1.0
 """Least seconds between two saves of one collection's resume token on the fallback. Resuming
-from an older token only applies some final states again (see above), so a process killed in
+from an older token applies some changes again, in order (see above), so a process killed in
 between loses nothing."""
 EVENTS_PER_ROUND = 10 * DEFAULT_BATCH
 """Events read from one stream per round (their distinct documents are applied in batches)."""
+EVENTS_PER_READ = 1000
+"""Events asked for by one ``getMore``: a batch with fewer tells that the stream is read to its end."""
+FULL_BATCH_BYTES = 8 * 1024 * 1024
+"""A ``getMore`` reply this big may have been cut by the server's 16 MiB batch limit: not read to its end."""
+CLOSE_TIMEOUT = 1.0
+"""Most seconds closing the streams may take (a dead primary does not answer; its cursors die with it)."""
 POLL_AWAIT_MS = 20
 """How long one stream's ``getMore`` may wait for an event (a round polls every stream)."""
 RETRY_PAUSE = 0.5
@@ -140,6 +159,87 @@ class _Collection:
         """The last round in which its stream was read to its end."""
         self.saved_at = float("-inf")
         """When its token was last stored on the fallback (``time.monotonic()``)."""
+
+
+class _Stream:
+    """One collection's change stream, read with the server's own ``aggregate``/``getMore`` commands.
+
+    PyMongo's change stream hides where one server batch ends: ``try_next()`` asks for the next
+    batch as soon as the last one is used up, so under a steady writer it goes on fetching a few
+    events per round trip, never learns that it has read everything the server had, and costs the
+    primary a ``getMore`` per write or two. :meth:`read` returns one whole batch and says whether
+    it was the server's last (fewer events than asked for): the stream is then *drained* as of the
+    moment that ``getMore`` was sent, whatever has been written since. The cursor lives in an
+    explicit session: a server checks that a cursor's ``getMore`` comes in the session that opened it.
+    """
+
+    __slots__ = ("_batch", "_db", "_first", "_id", "_name", "_session", "token")
+
+    def __init__(self, db: Any, name: str, session: Any, batch: int) -> None:
+        self._db = db
+        self._name = name
+        self._session = session
+        self._batch = batch
+        self._id = 0
+        self._first: list[dict[str, Any]] = []
+        self.token: Any = None
+        """Where the stream stands: resuming from it reads what comes after the events returned so far."""
+
+    async def open(self, token: Any) -> None:
+        """Open the stream after *token* (None: from now); raises the server's ``OperationFailure``."""
+        spec = {} if token is None else {"resumeAfter": token}
+        reply = await self._db.command(
+            {"aggregate": self._name, "pipeline": [{"$changeStream": spec}], "cursor": {"batchSize": 0}},
+            session=self._session,
+        )
+        cursor = reply["cursor"]
+        self._id = cursor["id"]
+        self._first = list(cursor.get("firstBatch") or ())
+        self.token = self._position(cursor, self._first, token)
+
+    @property
+    def open_cursor(self) -> bool:
+        """False once the server closed the cursor (an ``invalidate``, or a server that forgot it)."""
+        return bool(self._id)
+
+    async def read(self, await_ms: int) -> tuple[list[dict[str, Any]], bool]:
+        """The next batch of events, and whether the server had no more when it was asked.
+
+        A server ends a batch at ``batchSize`` events or at 16 MiB, whichever comes first: a batch
+        with fewer events whose reply is under half that size was not cut by either.
+        """
+        if self._first:
+            events, self._first = self._first, []
+            return events, False
+        reply = await self._db.command(
+            {"getMore": self._id, "collection": self._name, "batchSize": self._batch, "maxTimeMS": await_ms},
+            session=self._session,
+            codec_options=_RAW,
+        )
+        cursor = reply["cursor"]
+        events = [bson.decode(event.raw, self._db.codec_options) for event in cursor.get("nextBatch") or ()]
+        self._id = cursor.get("id", 0)
+        pbrt = cursor.get("postBatchResumeToken")
+        self.token = self._position(
+            {} if pbrt is None else {"postBatchResumeToken": bson.decode(pbrt.raw)}, events, self.token
+        )
+        return events, len(events) < self._batch and len(reply.raw) < FULL_BATCH_BYTES
+
+    @staticmethod
+    def _position(cursor: dict[str, Any], events: list[dict[str, Any]], before: Any) -> Any:
+        # The server's position after the batch (postBatchResumeToken) when it sends one, else the
+        # last event's own token: both resume after every event of the batch.
+        token = cursor.get("postBatchResumeToken")
+        if token is None and events:
+            token = events[-1].get("_id")
+        return before if token is None else token
+
+    async def close(self) -> None:
+        """Close the server's cursor (errors ignored: a cursor of a dead server is gone with it)."""
+        cursor_id, self._id = self._id, 0
+        if cursor_id:
+            with contextlib.suppress(Exception):
+                await self._db.command({"killCursors": self._name, "cursors": [cursor_id]}, session=self._session)
 
 
 class MongoWarmSync(WarmSync):
@@ -175,8 +275,10 @@ class MongoWarmSync(WarmSync):
         self.batch = batch
         self.compare_interval = compare_interval
         self.heartbeat_id = f"{secrets.token_hex(6)}"
-        self._beats = 0
+        self._beats = 0  # heartbeats written on the primary (or tried)
+        self._beat_seen = 0  # the newest of them read back from its stream
         self._clients: dict[str, AsyncMongoClient[Any]] = {}
+        self._sessions: dict[str, Any] = {}
         self._endpoints: tuple[Endpoint, Endpoint] | None = None
         self._collections: dict[str, _Collection] = {}
         self._task: asyncio.Task[None] | None = None
@@ -193,6 +295,7 @@ class MongoWarmSync(WarmSync):
         self._failing_since: float | None = None
         # What the status reports.
         self.applied_documents = 0
+        self.looked_up_documents = 0
         self.compared_copies = 0
         self.skipped_journaled = 0
         self.apply_errors = 0
@@ -209,12 +312,27 @@ class MongoWarmSync(WarmSync):
             self._clients[endpoint.url] = client
         return client
 
+    async def _session(self, endpoint: Endpoint) -> Any:
+        """The session this process's change streams on *endpoint* live in (see :class:`_Stream`)."""
+        session = self._sessions.get(endpoint.url)
+        if session is None:
+            session = self._client(endpoint).start_session(causal_consistency=False)
+            if inspect.isawaitable(session):  # PyMongo before 4.11 made it a coroutine
+                session = await session
+            self._sessions[endpoint.url] = session
+        return session
+
     def _db(self, endpoint: Endpoint) -> Any:
         return self._client(endpoint).get_database(endpoint.option("database") or DEFAULT_DATABASE)
 
     async def close(self) -> None:
         self._active = False
         await self._stop()
+        await self._close_streams()
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            with contextlib.suppress(Exception):
+                await session.end_session()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             with contextlib.suppress(Exception):
@@ -243,11 +361,17 @@ class MongoWarmSync(WarmSync):
         self._active = False
         await self._stop()
         self._held_beats = []  # read again from the stored token
+        await self._close_streams()
+
+    async def _close_streams(self) -> None:
+        """Close every stream (each reopens from its token): at most :data:`CLOSE_TIMEOUT` seconds in all."""
+        streams = [c.stream for c in self._collections.values() if c.stream is not None]
         for coll in self._collections.values():
-            if coll.stream is not None:
-                with contextlib.suppress(Exception):
-                    await coll.stream.close()
-                coll.stream = None
+            coll.stream = None
+        if streams:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await asyncio.gather(*(stream.close() for stream in streams))
 
     async def heartbeat(self, primary: Endpoint) -> int:
         self._beats += 1
@@ -282,6 +406,7 @@ class MongoWarmSync(WarmSync):
             "compare_interval_s": self.compare_interval,
             "events": self.events,
             "applied_documents": self.applied_documents,
+            "looked_up_documents": self.looked_up_documents,
             "compared_copies": self.compared_copies,
             "skipped_journaled": self.skipped_journaled,
         }
@@ -359,11 +484,7 @@ class MongoWarmSync(WarmSync):
                     logger.warning("mongodb: warm sync: %s", type(exc).__name__)
                 else:  # a defect: say where, and go on (status turns "broken" if it persists)
                     logger.exception("mongodb: warm sync round failed unexpectedly")
-                for coll in self._collections.values():  # reopened from their tokens
-                    if coll.stream is not None:
-                        with contextlib.suppress(Exception):
-                            await coll.stream.close()
-                        coll.stream = None
+                await self._close_streams()  # reopened from their tokens
                 await asyncio.sleep(RETRY_PAUSE)
                 continue
             if not busy:
@@ -387,7 +508,7 @@ class MongoWarmSync(WarmSync):
         heartbeat = self._collections[HEARTBEAT]
         # The heartbeat's stream first: see below for when a heartbeat reaches the fallback.
         order = [heartbeat, *(c for c in self._collections.values() if c is not heartbeat)]
-        changed: dict[str, tuple[_Collection, dict[Any, None], Any]] = {}
+        changed: dict[str, tuple[_Collection, dict[Any, tuple[Any, Any]], Any]] = {}
         dropped: list[_Collection] = []
         self._rounds += 1
         now = time.monotonic()
@@ -403,27 +524,39 @@ class MongoWarmSync(WarmSync):
                     continue
                 if coll.compare:
                     continue
-            ids: dict[Any, Any] = {}  # _key(id) -> id, in order of first change
-            token = None
-            for _ in range(EVENTS_PER_ROUND):
-                event = await coll.stream.try_next()
-                if event is None:
-                    coll.drained = self._rounds  # every event written before this round is read
+            if coll is heartbeat and self._beats <= self._beat_seen:
+                continue  # none of our heartbeats on its way: its getMore can wait for one
+            ids: dict[Any, tuple[Any, Any]] = {}  # _key(id) -> (id, image from its last event)
+            read = 0
+            ended = False
+            while read < EVENTS_PER_ROUND and not ended:
+                events, drained = await coll.stream.read(POLL_AWAIT_MS)
+                read += len(events)
+                self.events += len(events)
+                for event in events:
+                    if coll is heartbeat:
+                        number = _beat_number(event, self.heartbeat_id)
+                        if number is not None:
+                            self._held_beats.append((self._rounds, number))
+                            self._beat_seen = max(self._beat_seen, number)
+                        continue
+                    if event.get("operationType") in _ENDS_STREAM:
+                        dropped.append(coll)
+                        ended = True
+                        break
+                    doc_id = _event_id(event)
+                    if doc_id is not _NO_ID:
+                        ids[_key(doc_id)] = (doc_id, _image(event, doc_id))  # the last event of each wins
+                if drained:
+                    coll.drained = self._rounds  # every event written before that getMore is read
                     break
-                self.events += 1
-                token = coll.stream.resume_token
-                if coll is heartbeat:
-                    number = _beat_number(event, self.heartbeat_id)
-                    if number is not None:
-                        self._held_beats.append((self._rounds, number))
-                    continue
-                if event.get("operationType") in _ENDS_STREAM:
-                    dropped.append(coll)
+                if not coll.stream.open_cursor:
                     break
-                doc_id = _event_id(event)
-                if doc_id is not _NO_ID:
-                    ids[_key(doc_id)] = doc_id
-            if token is not None:
+            token = coll.stream.token
+            if not ended and not coll.stream.open_cursor:
+                # The server closed the cursor without saying why: reopened from its token next round.
+                coll.stream = None
+            if read:
                 changed[coll.name] = (coll, ids, token)
         for name, (coll, ids, token) in changed.items():
             chunk = list(ids.values())
@@ -457,10 +590,9 @@ class MongoWarmSync(WarmSync):
         """Open *coll*'s stream (or mark it compared); False when the primary no longer has it."""
         if coll.name != HEARTBEAT and coll.name not in await self._db(primary).list_collection_names():
             return False  # watch() would create it again on some servers (see the module docstring)
+        stream = _Stream(self._db(primary), coll.name, await self._session(primary), EVENTS_PER_READ)
         try:
-            coll.stream = await self._db(primary)[coll.name].watch(
-                resume_after=coll.token, max_await_time_ms=POLL_AWAIT_MS
-            )
+            await stream.open(coll.token)
         except OperationFailure as exc:
             if coll.token is not None and _history_lost(exc):
                 # The token is older than the primary's change history: compare once, stream on.
@@ -473,8 +605,9 @@ class MongoWarmSync(WarmSync):
             coll.compare = True
             coll.next_compare = 0.0
             return True
+        coll.stream = stream
         if coll.token is None:
-            coll.token = coll.stream.resume_token
+            coll.token = stream.token
         return True
 
     async def _initial_copy(self, primary: Endpoint, fallback: Endpoint) -> None:
@@ -514,7 +647,7 @@ class MongoWarmSync(WarmSync):
         assert self._endpoints is not None
         databases = {None, fallback.option("database") or DEFAULT_DATABASE, self._endpoints[0].option("database")}
         keys = {journal_key(db, name, i): i for i in ids for db in databases}
-        found = self._db(fallback)[JOURNAL].find({"_id": {"$in": list(keys)}}, {"_id": 1})
+        found = self._db(fallback)[JOURNAL].find({"_id": {"$in": list(keys)}}, {"_id": 1}, batch_size=len(keys))
         return {_key(keys[d["_id"]]) async for d in found}
 
     async def _write(self, fallback: Endpoint, name: str, writes: list[Any], ids: list[Any]) -> None:
@@ -528,14 +661,24 @@ class MongoWarmSync(WarmSync):
         if writes:
             await self._db(fallback)[name].bulk_write(writes, ordered=False)
 
-    async def _apply(self, primary: Endpoint, fallback: Endpoint, name: str, ids: list[Any]) -> None:
-        """Write the current state of *ids* (read on the primary now) into the fallback."""
-        current = {_key(d["_id"]): d async for d in self._db(primary)[name].find({"_id": {"$in": ids}})}
-        writes: list[Any] = [
-            ReplaceOne({"_id": i}, current[_key(i)], upsert=True) if _key(i) in current else DeleteOne({"_id": i})
-            for i in ids
-        ]
-        await self._write(fallback, name, writes, ids)
+    async def _apply(self, primary: Endpoint, fallback: Endpoint, name: str, changes: list[tuple[Any, Any]]) -> None:
+        """Write each changed document into the fallback: its event's image, else its state read now.
+
+        *changes* are ``(id, image)`` pairs from :func:`_image`: a document, :data:`_DELETED`, or None
+        (no image to trust: the primary's current state is read, one ``$in`` query for all of them).
+        """
+        unknown = [i for i, image in changes if image is None]
+        current: dict[Any, Any] = {}
+        if unknown:
+            found = self._db(primary)[name].find({"_id": {"$in": unknown}}, batch_size=len(unknown))  # one round trip
+            current = {_key(d["_id"]): d async for d in found}
+            self.looked_up_documents += len(unknown)
+        writes: list[Any] = []
+        for i, image in changes:
+            if image is None:
+                image = current.get(_key(i), _DELETED)
+            writes.append(DeleteOne({"_id": i}) if image is _DELETED else ReplaceOne({"_id": i}, image, upsert=True))
+        await self._write(fallback, name, writes, [i for i, _ in changes])
         self.applied_documents += len(writes)
 
     async def _compare(self, primary: Endpoint, fallback: Endpoint, name: str, *, counting: bool = False) -> None:
@@ -569,7 +712,12 @@ class MongoWarmSync(WarmSync):
         )
 
 
+_RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
+"""Replies read undecoded first, for their size (see :meth:`_Stream.read`)."""
 _NO_ID = object()
+_DELETED = object()
+"""An image meaning: the event deleted the document."""
+_IMAGED = frozenset({"insert", "replace", "update"})
 _ENDS_STREAM = frozenset({"drop", "dropDatabase", "rename", "invalidate"})
 
 
@@ -600,6 +748,36 @@ def _event_id(event: dict[str, Any]) -> Any:
     if isinstance(key, dict) and "_id" in key:
         return key["_id"]
     return _NO_ID
+
+
+def _image(event: dict[str, Any], doc_id: Any) -> Any:
+    """What *event* says its document now is: a document, :data:`_DELETED`, or None (read it on the primary).
+
+    ``insert`` and ``replace`` events carry the whole document (MongoDB sends none for ``update``
+    unless asked to look it up; nx-27017 sends one for every write). An image is taken only when
+    it cannot have been rewritten on the way: no field name starts with ``$`` or ``__neosqlite_``
+    (nx-27017 sends its own storage form for dates, ObjectIds and binary data, as
+    ``{"$date": ...}`` and ``{"__neosqlite_objectid__": ...}``, where a read gives the real types),
+    and its ``_id`` is the document's.
+    """
+    kind = event.get("operationType")
+    if kind == "delete":
+        return _DELETED
+    full = event.get("fullDocument")
+    if kind not in _IMAGED or not isinstance(full, dict) or _key(full.get("_id")) != _key(doc_id):
+        return None
+    pending: list[Any] = [full]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                if isinstance(name, str) and name.startswith(("$", "__neosqlite_")):
+                    return None
+                if isinstance(inner, (dict, list)):
+                    pending.append(inner)
+        else:
+            pending.extend(inner for inner in value if isinstance(inner, (dict, list)))
+    return full
 
 
 def _beat_number(event: dict[str, Any], heartbeat_id: str) -> int | None:

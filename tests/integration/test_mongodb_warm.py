@@ -74,6 +74,30 @@ class Writer(AckedWriter[int]):
         return i, f"i{i}"
 
 
+async def seeded_items(dbs: Databases, f: Any) -> Any:
+    """``items`` through failover, with a seed document copied to the fallback: its stream is open."""
+    items = dbs.mongodb.database["items"]
+    await items.insert_one({"_id": 0, "note": "seed"})
+    await streaming(dbs)
+    deadline = time.monotonic() + 10
+    while await f["items"].find_one({"_id": 0}) is None:
+        assert time.monotonic() < deadline, warm(dbs)
+        await asyncio.sleep(0.05)
+    return items
+
+
+async def same_items(p: Any, f: Any, count: int, dbs: Databases) -> None:
+    """Wait (≤ 10 s) until the fallback's ``items`` are the primary's *count* documents, types and all."""
+    deadline = time.monotonic() + 10
+    while True:
+        ours = sorted([repr(d) async for d in f["items"].find({})])
+        theirs = sorted([repr(d) async for d in p["items"].find({})])
+        if ours == theirs and len(theirs) == count:
+            return
+        assert time.monotonic() < deadline, (warm(dbs), ours, theirs)
+        await asyncio.sleep(0.05)
+
+
 async def notes(collection: Any) -> dict[int, str]:
     return {d["_id"]: d.get("note") async for d in collection.find({})}
 
@@ -292,23 +316,12 @@ async def test_generated_ids_are_synced(mongo_pair: tuple[LocalServer, LocalServ
     p, f = raw(primary), raw(fallback)
     dbs = await start(primary, fallback)
     try:
-        items = dbs.mongodb.database["items"]
-        await items.insert_one({"_id": 0, "note": "seed"})
-        await streaming(dbs)
-        await wait_for(lambda: "items" in warm(dbs)["streamed_collections"], 10, "items streamed")
+        items = await seeded_items(dbs, f)
         generated = (await items.insert_one({"note": "generated id"})).inserted_id
         await items.update_one({"_id": generated}, {"$set": {"note": "generated id, updated"}})
         await items.insert_one({"_id": 1, "note": "after it"})
 
-        async def same() -> bool:
-            ours = sorted([repr(d) async for d in f["items"].find({})])
-            theirs = sorted([repr(d) async for d in p["items"].find({})])
-            return ours == theirs and len(theirs) == 3
-
-        deadline = time.monotonic() + 10
-        while not await same():
-            assert time.monotonic() < deadline, (warm(dbs), [d async for d in f["items"].find({})])
-            await asyncio.sleep(0.05)
+        await same_items(p, f, 3, dbs)
         assert (await f["items"].find_one({"_id": generated}))["note"] == "generated id, updated"
         assert warm(dbs)["apply_errors"] == 0, warm(dbs)
         assert warm(dbs)["state"] == "streaming", warm(dbs)
@@ -327,13 +340,7 @@ async def test_dates_binary_and_object_ids_keep_their_types_on_the_fallback(
     p, f = raw(primary), raw(fallback)
     dbs = await start(primary, fallback)
     try:
-        items = dbs.mongodb.database["items"]
-        await items.insert_one({"_id": 0, "note": "seed"})
-        await streaming(dbs)
-        deadline = time.monotonic() + 10
-        while await f["items"].find_one({"_id": 0}) is None:  # copied: its stream is open
-            assert time.monotonic() < deadline, warm(dbs)
-            await asyncio.sleep(0.05)
+        items = await seeded_items(dbs, f)
         at = datetime.datetime(2026, 11, 29, 12, 0, 0, 123000)
         await items.insert_many(
             [
@@ -344,15 +351,7 @@ async def test_dates_binary_and_object_ids_keep_their_types_on_the_fallback(
         await items.update_one({"_id": 2}, {"$set": {"note": "plain, updated", "at": at}})
         await items.replace_one({"_id": 0}, {"_id": 0, "note": "replaced"})
 
-        async def same() -> bool:
-            ours = sorted([repr(d) async for d in f["items"].find({})])
-            theirs = sorted([repr(d) async for d in p["items"].find({})])
-            return ours == theirs and len(theirs) == 3
-
-        deadline = time.monotonic() + 10
-        while not await same():
-            assert time.monotonic() < deadline, (warm(dbs), [d async for d in f["items"].find({})])
-            await asyncio.sleep(0.05)
+        await same_items(p, f, 3, dbs)
         copied = await f["items"].find_one({"_id": 1})
         assert copied["at"] == at and isinstance(copied["ref"], ObjectId) and copied["blob"] == b"\x00\x01"
         assert warm(dbs)["looked_up_documents"] >= 1, warm(dbs)  # document 1: its image was not taken

@@ -425,3 +425,31 @@ async def test_under_writers_that_never_pause_the_stream_is_read_a_batch_at_a_ti
         print(f"{written} writes, {get_mores} getMores on items")
     finally:
         await dbs.close()
+
+
+async def test_where_cursors_live_on_routers_the_drivers_own_stream_is_used(
+    mongo_pair: tuple[LocalServer, LocalServer], raw: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sharded cluster's mongos or a load balancer: getMore must reach the router that has the
+    cursor, which PyMongo's watch() does and raw commands cannot. Taken here for any topology."""
+    from pymongo.topology_description import TOPOLOGY_TYPE
+
+    from failover.stores.mongodb import warm as warm_module
+
+    monkeypatch.setattr(warm_module, "_ROUTED_TOPOLOGIES", frozenset(TOPOLOGY_TYPE._asdict().values()))
+    primary, fallback = mongo_pair
+    p, f = raw(primary), raw(fallback)
+    dbs = await start(primary, fallback)
+    sync = dbs.store("mongodb").warm.sync  # type: ignore[union-attr]
+    try:
+        items = await seeded_items(dbs, f)
+        streams = [c.stream for c in sync._collections.values() if c.stream is not None]
+        assert streams and all(isinstance(stream, warm_module._DriverStream) for stream in streams), streams
+        await items.insert_many([{"_id": i, "note": f"n{i}"} for i in range(1, 50)])
+        await items.update_one({"_id": 3}, {"$set": {"note": "updated"}})
+        await items.delete_one({"_id": 4})
+        await same_items(p, f, 49, dbs)
+        await wait_for(lambda: warm(dbs)["lag_s"] is not None, 10, "heartbeats through the driver's stream")
+        assert warm(dbs)["apply_errors"] == 0, warm(dbs)
+    finally:
+        await dbs.close()

@@ -13,7 +13,17 @@ import bson
 from bson.codec_options import DEFAULT_CODEC_OPTIONS
 from bson.raw_bson import RawBSONDocument
 
-from failover.stores.mongodb.warm import FULL_BATCH_BYTES, _DELETED, _NO_ID, _beat_number, _event_id, _image, _Stream
+from failover.stores.mongodb.warm import (
+    FULL_BATCH_BYTES,
+    _DELETED,
+    _NO_ID,
+    _beat_number,
+    _Collection,
+    _event_id,
+    _image,
+    _releasable,
+    _Stream,
+)
 from failover.stores.redis.warm import _BEAT, RETRY_PAUSE, RETRY_PAUSE_MAX, RedisWarmSync
 
 
@@ -206,3 +216,37 @@ def test_an_events_image_is_used_only_when_it_cannot_have_been_rewritten() -> No
     assert _image({"operationType": "insert", "fullDocument": {"_id": 2}}, 1) is None
     assert _image({"operationType": "insert", "fullDocument": None}, 1) is None
     assert _image({"operationType": "drop"}, 1) is None
+
+
+def _collections(**drained: int) -> tuple[list[_Collection], _Collection]:
+    heartbeat = _Collection("failover_warm_heartbeat")
+    found = [heartbeat]
+    for name, rnd in drained.items():
+        coll = _Collection(name)
+        coll.drained = rnd
+        found.append(coll)
+    return found, heartbeat
+
+
+def test_a_heartbeat_goes_once_every_stream_was_read_to_its_end_after_it() -> None:
+    held = [(3, 10), (4, 11), (6, 12)]  # (round read in, number)
+    colls, hb = _collections(items=5, orders=4)
+    assert _releasable(held, colls, hb) == (11, [(6, 12)])  # orders was drained in round 4
+    colls, hb = _collections(items=5, orders=6)
+    assert _releasable(held, colls, hb) == (11, [(6, 12)])
+    colls, hb = _collections(items=6, orders=9)
+    assert _releasable(held, colls, hb) == (12, [])
+
+
+def test_a_closed_stream_holds_every_heartbeat_back() -> None:
+    """A stream closed by an error is read again from its token: what it had read and drained may
+    not be on the fallback, so a heartbeat read before must wait for it to be drained again."""
+    colls, hb = _collections(items=9, orders=-1)
+    assert _releasable([(3, 10)], colls, hb) == (None, [(3, 10)])
+    compared = _Collection("logs")
+    compared.compare, compared.drained = True, -1  # compared collections are not covered by heartbeats
+    colls, hb = _collections(items=9)
+    assert _releasable([(3, 10)], [*colls, compared], hb) == (10, [])
+    colls, hb = _collections()
+    assert _releasable([(1, 4), (2, 5)], colls, hb) == (5, [])  # nothing streamed but the heartbeat
+    assert _releasable([], colls, hb) == (None, [])

@@ -25,9 +25,12 @@ collection of the configured database:
   it without a new copy. Streams are read with the server's own
   ``aggregate``/``getMore`` commands (:class:`_Stream`), one whole batch per
   ``getMore``, so a round costs the primary one ``getMore`` per stream however
-  fast the application writes, and knows when a stream was read to its end.
+  fast the application writes (more only while batches come back full), and
+  knows when a stream was read to its end. Where cursors live on one of several
+  routers (a sharded cluster, a load balancer) PyMongo's ``watch()`` is used
+  instead (:class:`_DriverStream`), which cannot tell that.
 * **Comparison** where change streams are not available (a standalone primary,
-  a server without them: ``watch()`` fails): the same ``_id``-ordered
+  a server without them: opening a change stream fails): the same ``_id``-ordered
   comparison as the initial copy, every :data:`DEFAULT_COMPARE_INTERVAL`
   seconds; its pace is the lag.
 
@@ -39,8 +42,8 @@ Never against reconcile:
   fallback, not yet reconciled) is never written by the sync; and every write
   checks first that the store is still on its primary.
 * :meth:`MongoWarmSync.pause` (at failover) ends the loop and closes the
-  streams; :meth:`MongoWarmSync.resume` (after failback) reopens them from the
-  stored tokens: the events since — the writes the primary took before it died,
+  streams; :meth:`MongoWarmSync.resume` (after failback) reopens them from their
+  tokens: the events since — the writes the primary took before it died,
   then the documents reconcile copied into it — are applied in that order, so
   once the stream is read to its end nothing reconciled is undone, and nothing
   is copied again.
@@ -53,7 +56,7 @@ a heartbeat seen on the fallback means every change made before it was applied
 too. Collections that are compared instead of streamed are not covered by it
 (their lag is the comparison interval).
 
-On ``nx-27017`` (the test servers), measured: collection ``watch()`` works
+On ``nx-27017`` (the test servers), measured: a collection's change stream works
 (insert/update/replace/delete events, resume tokens that survive a restart),
 database- and client-level ``watch()`` open but deliver nothing, and an
 integer ``_id`` comes back as text in ``documentKey`` (the ``fullDocument``'s
@@ -63,9 +66,9 @@ streams, with the ``_id`` taken from ``fullDocument`` when present.
 Dropped collections: a ``drop``/``invalidate`` event (MongoDB) or its absence
 from the primary's list at a discovery (nx-27017 sends no event) ends its stream
 and forgets its token, and a stream is never opened on a collection the primary
-no longer lists: on nx-27017 ``watch()`` creates the collection it watches
+no longer lists: on nx-27017 opening a stream creates the collection it watches
 (measured), which would bring a just-dropped collection back. A drop within the
-instant between that check and ``watch()`` can still be undone on such a server.
+instant between that check and the stream's opening can still be undone on such a server.
 The fallback keeps a dropped collection's documents (DDL is not synced).
 
 Not covered: other databases; DDL (indexes, drops on the fallback); a collection
@@ -88,7 +91,8 @@ from bson import ObjectId
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient, DeleteOne, ReplaceOne
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import ConfigurationError, OperationFailure, PyMongoError
+from pymongo.topology_description import TOPOLOGY_TYPE
 
 from ...core.endpoint import Endpoint
 from ...core.tasks import cancel_and_wait
@@ -130,6 +134,8 @@ EVENTS_PER_READ = 1000
 """Events asked for by one ``getMore``: a batch with fewer tells that the stream is read to its end."""
 FULL_BATCH_BYTES = 8 * 1024 * 1024
 """A ``getMore`` reply this big may have been cut by the server's 16 MiB batch limit: not read to its end."""
+SOCKET_TIMEOUT = 30.0
+"""Most seconds the sync's connections wait for one reply (a copy batch, a lookup, a ``getMore``)."""
 CLOSE_TIMEOUT = 1.0
 """Most seconds closing the streams may take (a dead primary does not answer; its cursors die with it)."""
 POLL_AWAIT_MS = 20
@@ -206,7 +212,8 @@ class _Stream:
         """The next batch of events, and whether the server had no more when it was asked.
 
         A server ends a batch at ``batchSize`` events or at 16 MiB, whichever comes first: a batch
-        with fewer events whose reply is under half that size was not cut by either.
+        with fewer events whose reply is under half that size was not cut by either — unless the
+        next event is itself over 8 MiB (then a heartbeat can reach the fallback ahead of it).
         """
         if self._first:
             events, self._first = self._first, []
@@ -240,6 +247,53 @@ class _Stream:
         if cursor_id:
             with contextlib.suppress(Exception):
                 await self._db.command({"killCursors": self._name, "cursors": [cursor_id]}, session=self._session)
+
+
+class _DriverStream:
+    """PyMongo's own change stream (``watch()``), for a primary whose cursors live on one of several
+    routers (a sharded cluster's ``mongos``, a load balancer): the driver sends each ``getMore`` to
+    the router that has the cursor, which :class:`_Stream`'s commands cannot. It hides where a
+    server batch ends, so a read counts as the end of the stream only when a ``getMore`` found
+    nothing: under writers that never pause, heartbeats wait and the lag is over-stated, never
+    under-stated. Same interface as :class:`_Stream`.
+    """
+
+    __slots__ = ("_batch", "_collection", "_stream", "token")
+
+    def __init__(self, collection: Any, batch: int) -> None:
+        self._collection = collection
+        self._batch = batch
+        self._stream: Any = None
+        self.token: Any = None
+
+    async def open(self, token: Any) -> None:
+        self._stream = await self._collection.watch(
+            resume_after=token, max_await_time_ms=POLL_AWAIT_MS, batch_size=self._batch
+        )
+        self.token = self._stream.resume_token if self._stream.resume_token is not None else token
+
+    @property
+    def open_cursor(self) -> bool:
+        return self._stream is not None and bool(self._stream.alive)
+
+    async def read(self, await_ms: int) -> tuple[list[dict[str, Any]], bool]:
+        events: list[dict[str, Any]] = []
+        while len(events) < self._batch:
+            event = await self._stream.try_next()
+            if self._stream.resume_token is not None:
+                self.token = self._stream.resume_token
+            if event is None:
+                return events, True
+            events.append(event)
+            if not self._stream.alive:  # ended by this event (invalidate)
+                break
+        return events, False
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                await stream.close()
 
 
 class MongoWarmSync(WarmSync):
@@ -308,6 +362,10 @@ class MongoWarmSync(WarmSync):
         if client is None:
             options = client_options(endpoint.url, connect_timeout=self.connect_timeout, pool_min_size=0, pool_max_size=4)
             options["appname"] = "failover-warm"
+            # A timeoutMS in the URL would replace each getMore's short wait; a socket timeout
+            # keeps a half-open connection from holding the loop for ever.
+            options["timeoutMS"] = None
+            options["socketTimeoutMS"] = int(SOCKET_TIMEOUT * 1000)
             client = AsyncMongoClient(endpoint.url, **options)
             self._clients[endpoint.url] = client
         return client
@@ -368,6 +426,7 @@ class MongoWarmSync(WarmSync):
         streams = [c.stream for c in self._collections.values() if c.stream is not None]
         for coll in self._collections.values():
             coll.stream = None
+            coll.drained = -1  # read again from its token before it lets a heartbeat through
         if streams:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT):
@@ -441,9 +500,10 @@ class MongoWarmSync(WarmSync):
         logger.info("mongodb: warm sync: %s was dropped on the primary: no longer synced", coll.name)
         self._collections.pop(coll.name, None)
         if coll.stream is not None:
-            with contextlib.suppress(Exception):
-                await coll.stream.close()
-            coll.stream = None
+            stream, coll.stream = coll.stream, None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await stream.close()
 
     def _start(self) -> None:
         self._active = True
@@ -510,6 +570,7 @@ class MongoWarmSync(WarmSync):
         order = [heartbeat, *(c for c in self._collections.values() if c is not heartbeat)]
         changed: dict[str, tuple[_Collection, dict[Any, tuple[Any, Any]], Any]] = {}
         dropped: list[_Collection] = []
+        drained_now: list[_Collection] = []  # read to their end in this round: drained once applied
         self._rounds += 1
         now = time.monotonic()
         for coll in order:
@@ -522,7 +583,7 @@ class MongoWarmSync(WarmSync):
                 if not await self._open(primary, coll):
                     dropped.append(coll)
                     continue
-                if coll.compare:
+                if coll.compare or coll.stream is None:  # compared, or its history is lost: copied first
                     continue
             if coll is heartbeat and self._beats <= self._beat_seen:
                 continue  # none of our heartbeats on its way: its getMore can wait for one
@@ -548,7 +609,7 @@ class MongoWarmSync(WarmSync):
                     if doc_id is not _NO_ID:
                         ids[_key(doc_id)] = (doc_id, _image(event, doc_id))  # the last event of each wins
                 if drained:
-                    coll.drained = self._rounds  # every event written before that getMore is read
+                    drained_now.append(coll)  # every event written before that getMore is read
                     break
                 if not coll.stream.open_cursor:
                     break
@@ -556,6 +617,9 @@ class MongoWarmSync(WarmSync):
             if not ended and not coll.stream.open_cursor:
                 # The server closed the cursor without saying why: reopened from its token next round.
                 coll.stream = None
+                coll.drained = -1
+                if coll in drained_now:
+                    drained_now.remove(coll)
             if read:
                 changed[coll.name] = (coll, ids, token)
         for name, (coll, ids, token) in changed.items():
@@ -568,40 +632,39 @@ class MongoWarmSync(WarmSync):
                 if time.monotonic() - coll.saved_at >= TOKEN_SAVE_INTERVAL:
                     await self._save_token(fallback, name, token)
                     coll.saved_at = time.monotonic()
+        for coll in drained_now:
+            coll.drained = self._rounds  # its events are on the fallback now
         for coll in dropped:
             await self._forget(fallback, coll)
-        # A heartbeat read in round r is written on the fallback once every data stream has been
-        # read to its end in round r or later (the heartbeat's stream is polled first in a round),
-        # with the number its event carried: never a newer one read from the primary.
-        floor = min(
-            (c.drained for c in self._collections.values() if c is not heartbeat and not c.compare and c.stream is not None),
-            default=self._rounds,
-        )
-        ready = [number for read, number in self._held_beats if read <= floor]
-        if ready:
-            self._held_beats = [(read, number) for read, number in self._held_beats if read > floor]
+        ready, self._held_beats = _releasable(self._held_beats, self._collections.values(), heartbeat)
+        if ready is not None:
             self._check()
             await self._db(fallback)[HEARTBEAT].update_one(
-                {"_id": self.heartbeat_id}, {"$max": {"n": max(ready)}}, upsert=True
+                {"_id": self.heartbeat_id}, {"$max": {"n": ready}}, upsert=True
             )
         return busy
 
     async def _open(self, primary: Endpoint, coll: _Collection) -> bool:
         """Open *coll*'s stream (or mark it compared); False when the primary no longer has it."""
         if coll.name != HEARTBEAT and coll.name not in await self._db(primary).list_collection_names():
-            return False  # watch() would create it again on some servers (see the module docstring)
-        stream = _Stream(self._db(primary), coll.name, await self._session(primary), EVENTS_PER_READ)
+            return False  # opening a stream would create it again on some servers (see the module docstring)
         try:
-            await stream.open(coll.token)
-        except OperationFailure as exc:
-            if coll.token is not None and _history_lost(exc):
-                # The token is older than the primary's change history: compare once, stream on.
+            stream = await self._new_stream(primary, coll.name)
+            try:
+                await stream.open(coll.token)
+            except OperationFailure as exc:
+                if coll.token is None or not _history_lost(exc):
+                    raise
+                # The token is older than the primary's change history: a new stream from now, and
+                # a comparison after it (the next round's copy), as for a new collection.
                 logger.warning("mongodb: the change history of %s no longer reaches its stored token: comparing it", coll.name)
                 coll.token = None
                 coll.copied = False
                 self._to_copy = True
-                return True
-            logger.info("mongodb: %s cannot be watched (%s): compared every %ss", coll.name, exc.code, self.compare_interval)
+                await stream.open(None)
+        except (OperationFailure, ConfigurationError) as exc:  # no change streams (or no sessions) there
+            why = exc.code if isinstance(exc, OperationFailure) else type(exc).__name__
+            logger.info("mongodb: %s cannot be watched (%s): compared every %ss", coll.name, why, self.compare_interval)
             coll.compare = True
             coll.next_compare = 0.0
             return True
@@ -609,6 +672,13 @@ class MongoWarmSync(WarmSync):
         if coll.token is None:
             coll.token = stream.token
         return True
+
+    async def _new_stream(self, primary: Endpoint, name: str) -> _Stream | _DriverStream:
+        """A :class:`_Stream`, or PyMongo's own where a cursor lives on one of several routers."""
+        client = self._client(primary)
+        if client.topology_description.topology_type in _ROUTED_TOPOLOGIES:
+            return _DriverStream(self._db(primary)[name], EVENTS_PER_READ)
+        return _Stream(self._db(primary), name, await self._session(primary), EVENTS_PER_READ)
 
     async def _initial_copy(self, primary: Endpoint, fallback: Endpoint) -> None:
         # The heartbeat first: a number copied before the data can only under-state the fallback.
@@ -712,6 +782,8 @@ class MongoWarmSync(WarmSync):
         )
 
 
+_ROUTED_TOPOLOGIES = frozenset({TOPOLOGY_TYPE.Sharded, TOPOLOGY_TYPE.LoadBalanced})
+"""Where a cursor lives on one of several routers: :class:`_DriverStream` there."""
 _RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
 """Replies read undecoded first, for their size (see :meth:`_Stream.read`)."""
 _NO_ID = object()
@@ -748,6 +820,25 @@ def _event_id(event: dict[str, Any]) -> Any:
     if isinstance(key, dict) and "_id" in key:
         return key["_id"]
     return _NO_ID
+
+
+def _releasable(
+    held: list[tuple[int, int]], collections: Any, heartbeat: _Collection
+) -> tuple[int | None, list[tuple[int, int]]]:
+    """Of the *held* heartbeats (round read in, number), the newest that may be written on the
+    fallback now, and those still held.
+
+    A heartbeat read in round r may go once every streamed data collection was read to its end, and
+    what it read applied, in round r or later (the heartbeat's stream is polled first in a round):
+    every change made before the heartbeat is on the fallback then. A collection whose stream is
+    closed (an error, its history lost, not opened yet) has ``drained == -1`` and holds them all.
+    The number is the one the event carried, never a newer one read from the primary.
+    """
+    floor = min((c.drained for c in collections if c is not heartbeat and not c.compare), default=None)
+    if floor is None:  # nothing streamed but the heartbeat
+        return (max(n for _, n in held) if held else None), []
+    ready = [number for read, number in held if read <= floor]
+    return (max(ready) if ready else None), [(read, number) for read, number in held if read > floor]
 
 
 def _image(event: dict[str, Any], doc_id: Any) -> Any:

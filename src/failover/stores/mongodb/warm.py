@@ -427,10 +427,7 @@ class MongoWarmSync(WarmSync):
         for coll in self._collections.values():
             coll.stream = None
             coll.drained = -1  # read again from its token before it lets a heartbeat through
-        if streams:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await asyncio.gather(*(stream.close() for stream in streams))
+        await _close(streams)
 
     async def heartbeat(self, primary: Endpoint) -> int:
         self._beats += 1
@@ -501,9 +498,7 @@ class MongoWarmSync(WarmSync):
         self._collections.pop(coll.name, None)
         if coll.stream is not None:
             stream, coll.stream = coll.stream, None
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await stream.close()
+            await _close([stream])
 
     def _start(self) -> None:
         self._active = True
@@ -583,7 +578,7 @@ class MongoWarmSync(WarmSync):
                 if not await self._open(primary, coll):
                     dropped.append(coll)
                     continue
-                if coll.compare or coll.stream is None:  # compared, or its history is lost: copied first
+                if coll.compare:
                     continue
             if coll is heartbeat and self._beats <= self._beat_seen:
                 continue  # none of our heartbeats on its way: its getMore can wait for one
@@ -791,6 +786,14 @@ _DELETED = object()
 """An image meaning: the event deleted the document."""
 _IMAGED = frozenset({"insert", "replace", "update"})
 _ENDS_STREAM = frozenset({"drop", "dropDatabase", "rename", "invalidate"})
+
+
+async def _close(streams: list[Any]) -> None:
+    """Close *streams* together, for at most :data:`CLOSE_TIMEOUT` seconds (a dead primary does not answer)."""
+    if streams:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await asyncio.gather(*(stream.close() for stream in streams))
 
 
 async def _chunks(cursor: Any, size: int) -> Any:

@@ -15,12 +15,10 @@ from bson.raw_bson import RawBSONDocument
 
 from failover.stores.mongodb.warm import (
     FULL_BATCH_BYTES,
-    _DELETED,
     _NO_ID,
     _beat_number,
     _Collection,
     _event_id,
-    _image,
     _releasable,
     _Stream,
 )
@@ -197,25 +195,6 @@ async def test_a_cursor_the_server_closed_is_reported() -> None:
     assert not stream.open_cursor
     await stream.close()  # nothing to kill
     assert len(server.sent) == 2
-
-
-def test_an_events_image_is_used_only_when_it_cannot_have_been_rewritten() -> None:
-    doc = {"_id": 1, "note": "n", "tags": [{"a": 1}, 2], "nested": {"x": None}}
-    assert _image({"operationType": "insert", "fullDocument": doc}, 1) is doc
-    assert _image({"operationType": "replace", "fullDocument": doc}, 1) is doc
-    assert _image({"operationType": "update", "fullDocument": doc}, 1) is doc
-    assert _image({"operationType": "delete", "documentKey": {"_id": 1}}, 1) is _DELETED
-    # MongoDB's update events carry no document: read it on the primary.
-    assert _image({"operationType": "update", "updateDescription": {"updatedFields": {"note": "m"}}}, 1) is None
-    # nx-27017's storage forms of a date, an ObjectId, binary data — nested anywhere.
-    assert _image({"operationType": "insert", "fullDocument": {"_id": 1, "at": {"$date": "2026-01-02T00:00:00"}}}, 1) is None
-    wrapped = {"__neosqlite_objectid__": True, "id": "6b0c187d61834d46fc78de03"}
-    assert _image({"operationType": "insert", "fullDocument": {"_id": 1, "l": [[{"ref": wrapped}]]}}, 1) is None
-    assert _image({"operationType": "insert", "fullDocument": {"_id": wrapped}}, ObjectId("6b0c187d61834d46fc78de03")) is None
-    # An image of another document, or none at all.
-    assert _image({"operationType": "insert", "fullDocument": {"_id": 2}}, 1) is None
-    assert _image({"operationType": "insert", "fullDocument": None}, 1) is None
-    assert _image({"operationType": "drop"}, 1) is None
 
 
 def _collections(**drained: int) -> tuple[list[_Collection], _Collection]:

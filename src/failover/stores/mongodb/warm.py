@@ -10,16 +10,15 @@ collection of the configured database:
   stream is read from that token: a change made during the copy arrives once
   more, harmlessly (see the next point). Progress: documents done of the
   primary's estimated count.
-* **Streaming** — each batch of events is applied to the fallback with one
-  unordered ``bulk_write`` per collection: for each changed document, the image
-  its *last* event in the batch carries (``insert`` and ``replace`` events carry
-  the whole document; :func:`_image` says when one is trusted), ``DeleteOne``
-  for a delete, and for the rest (MongoDB's ``update`` events carry no document;
-  images in a server's storage form) its current state read on the primary with
-  one ``$in`` query. Batches are applied in stream order, so the fallback holds
-  each document as the primary had it at some point no older than the stream's
-  position; resuming from an older token replays older images first and the
-  newer ones after them (the heartbeat below waits for those too). After each
+* **Streaming** — events only say *which* documents changed: each batch reads
+  those documents' current state on the primary (one ``$in`` query per
+  collection) and writes it (or deletes it) on the fallback with one unordered
+  ``bulk_write``. A final state, never an event's image: replaying an old event
+  cannot bring an old version back, so resuming from an older token is always
+  safe, and several processes syncing the same pair never write a version
+  older than the one their lookup saw (images would be cheaper for the primary,
+  measured: see the README, but a process behind the others would write older
+  versions over newer ones, past the heartbeats of the others). After each
   applied batch the stream's resume token is stored on the fallback
   (``failover_warm``, one document per collection): a new process resumes from
   it without a new copy. Streams are read with the server's own
@@ -43,10 +42,9 @@ Never against reconcile:
   checks first that the store is still on its primary.
 * :meth:`MongoWarmSync.pause` (at failover) ends the loop and closes the
   streams; :meth:`MongoWarmSync.resume` (after failback) reopens them from their
-  tokens: the events since — the writes the primary took before it died,
-  then the documents reconcile copied into it — are applied in that order, so
-  once the stream is read to its end nothing reconciled is undone, and nothing
-  is copied again.
+  tokens: the events since (including the writes reconcile copied into the
+  primary) are applied as final states, so nothing reconciled is undone and
+  nothing is copied again.
 
 Lag: a heartbeat document in ``failover_warm_heartbeat`` on the primary (one per
 process) travels through its own change stream, polled first in each round and
@@ -126,7 +124,7 @@ load a round then gathers many events, so the primary's lookups and the fallback
 one ``find`` and one ``bulk_write`` per batch, not per write; it adds at most this to the lag."""
 TOKEN_SAVE_INTERVAL = 1.0
 """Least seconds between two saves of one collection's resume token on the fallback. Resuming
-from an older token applies some changes again, in order (see above), so a process killed in
+from an older token only applies some final states again (see above), so a process killed in
 between loses nothing."""
 EVENTS_PER_ROUND = 10 * DEFAULT_BATCH
 """Events read from one stream per round (their distinct documents are applied in batches)."""
@@ -349,7 +347,6 @@ class MongoWarmSync(WarmSync):
         self._failing_since: float | None = None
         # What the status reports.
         self.applied_documents = 0
-        self.looked_up_documents = 0
         self.compared_copies = 0
         self.skipped_journaled = 0
         self.apply_errors = 0
@@ -462,7 +459,6 @@ class MongoWarmSync(WarmSync):
             "compare_interval_s": self.compare_interval,
             "events": self.events,
             "applied_documents": self.applied_documents,
-            "looked_up_documents": self.looked_up_documents,
             "compared_copies": self.compared_copies,
             "skipped_journaled": self.skipped_journaled,
         }
@@ -563,7 +559,7 @@ class MongoWarmSync(WarmSync):
         heartbeat = self._collections[HEARTBEAT]
         # The heartbeat's stream first: see below for when a heartbeat reaches the fallback.
         order = [heartbeat, *(c for c in self._collections.values() if c is not heartbeat)]
-        changed: dict[str, tuple[_Collection, dict[Any, tuple[Any, Any]], Any]] = {}
+        changed: dict[str, tuple[_Collection, dict[Any, Any], Any]] = {}
         dropped: list[_Collection] = []
         drained_now: list[_Collection] = []  # read to their end in this round: drained once applied
         self._rounds += 1
@@ -582,7 +578,7 @@ class MongoWarmSync(WarmSync):
                     continue
             if coll is heartbeat and self._beats <= self._beat_seen:
                 continue  # none of our heartbeats on its way: its getMore can wait for one
-            ids: dict[Any, tuple[Any, Any]] = {}  # _key(id) -> (id, image from its last event)
+            ids: dict[Any, Any] = {}  # _key(id) -> id, in order of first change
             read = 0
             ended = False
             while read < EVENTS_PER_ROUND and not ended:
@@ -602,7 +598,7 @@ class MongoWarmSync(WarmSync):
                         break
                     doc_id = _event_id(event)
                     if doc_id is not _NO_ID:
-                        ids[_key(doc_id)] = (doc_id, _image(event, doc_id))  # the last event of each wins
+                        ids[_key(doc_id)] = doc_id
                 if drained:
                     drained_now.append(coll)  # every event written before that getMore is read
                     break
@@ -726,24 +722,15 @@ class MongoWarmSync(WarmSync):
         if writes:
             await self._db(fallback)[name].bulk_write(writes, ordered=False)
 
-    async def _apply(self, primary: Endpoint, fallback: Endpoint, name: str, changes: list[tuple[Any, Any]]) -> None:
-        """Write each changed document into the fallback: its event's image, else its state read now.
-
-        *changes* are ``(id, image)`` pairs from :func:`_image`: a document, :data:`_DELETED`, or None
-        (no image to trust: the primary's current state is read, one ``$in`` query for all of them).
-        """
-        unknown = [i for i, image in changes if image is None]
-        current: dict[Any, Any] = {}
-        if unknown:
-            found = self._db(primary)[name].find({"_id": {"$in": unknown}}, batch_size=len(unknown))  # one round trip
-            current = {_key(d["_id"]): d async for d in found}
-            self.looked_up_documents += len(unknown)
-        writes: list[Any] = []
-        for i, image in changes:
-            if image is None:
-                image = current.get(_key(i), _DELETED)
-            writes.append(DeleteOne({"_id": i}) if image is _DELETED else ReplaceOne({"_id": i}, image, upsert=True))
-        await self._write(fallback, name, writes, [i for i, _ in changes])
+    async def _apply(self, primary: Endpoint, fallback: Endpoint, name: str, ids: list[Any]) -> None:
+        """Write the current state of *ids* (read on the primary now) into the fallback."""
+        found = self._db(primary)[name].find({"_id": {"$in": ids}}, batch_size=len(ids))  # one round trip
+        current = {_key(d["_id"]): d async for d in found}
+        writes: list[Any] = [
+            ReplaceOne({"_id": i}, current[_key(i)], upsert=True) if _key(i) in current else DeleteOne({"_id": i})
+            for i in ids
+        ]
+        await self._write(fallback, name, writes, ids)
         self.applied_documents += len(writes)
 
     async def _compare(self, primary: Endpoint, fallback: Endpoint, name: str, *, counting: bool = False) -> None:
@@ -782,9 +769,6 @@ _ROUTED_TOPOLOGIES = frozenset({TOPOLOGY_TYPE.Sharded, TOPOLOGY_TYPE.LoadBalance
 _RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
 """Replies read undecoded first, for their size (see :meth:`_Stream.read`)."""
 _NO_ID = object()
-_DELETED = object()
-"""An image meaning: the event deleted the document."""
-_IMAGED = frozenset({"insert", "replace", "update"})
 _ENDS_STREAM = frozenset({"drop", "dropDatabase", "rename", "invalidate"})
 
 
@@ -842,36 +826,6 @@ def _releasable(
         return (max(n for _, n in held) if held else None), []
     ready = [number for read, number in held if read <= floor]
     return (max(ready) if ready else None), [(read, number) for read, number in held if read > floor]
-
-
-def _image(event: dict[str, Any], doc_id: Any) -> Any:
-    """What *event* says its document now is: a document, :data:`_DELETED`, or None (read it on the primary).
-
-    ``insert`` and ``replace`` events carry the whole document (MongoDB sends none for ``update``
-    unless asked to look it up; nx-27017 sends one for every write). An image is taken only when
-    it cannot have been rewritten on the way: no field name starts with ``$`` or ``__neosqlite_``
-    (nx-27017 sends its own storage form for dates, ObjectIds and binary data, as
-    ``{"$date": ...}`` and ``{"__neosqlite_objectid__": ...}``, where a read gives the real types),
-    and its ``_id`` is the document's.
-    """
-    kind = event.get("operationType")
-    if kind == "delete":
-        return _DELETED
-    full = event.get("fullDocument")
-    if kind not in _IMAGED or not isinstance(full, dict) or _key(full.get("_id")) != _key(doc_id):
-        return None
-    pending: list[Any] = [full]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, dict):
-            for name, inner in value.items():
-                if isinstance(name, str) and name.startswith(("$", "__neosqlite_")):
-                    return None
-                if isinstance(inner, (dict, list)):
-                    pending.append(inner)
-        else:
-            pending.extend(inner for inner in value if isinstance(inner, (dict, list)))
-    return full
 
 
 def _beat_number(event: dict[str, Any], heartbeat_id: str) -> int | None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pymongo import AsyncMongoClient
 
-from failover import Databases
+from failover import Databases, SwitchState
 from failover.core.events import Event
 from failover.local import LocalServer
 from failover.stores.mongodb.capture import JOURNAL
@@ -452,3 +452,48 @@ async def test_where_cursors_live_on_routers_the_drivers_own_stream_is_used(
         assert warm(dbs)["apply_errors"] == 0, warm(dbs)
     finally:
         await dbs.close()
+
+
+class OffsetWriter(Writer):
+    """A :class:`Writer` on keys of its own (another application process's)."""
+
+    def __init__(self, dbs: Databases, offset: int) -> None:
+        super().__init__(dbs)
+        self.offset = offset
+
+    async def step(self, i: int) -> tuple[int, str | None]:
+        return await super().step(i + self.offset)
+
+
+async def test_two_processes_syncing_one_pair_each_report_an_rpo_that_holds_for_every_write(
+    mongo_pair: tuple[LocalServer, LocalServer], raw: Any
+) -> None:
+    """Each application process runs its own sync of the same pair (and its own heartbeat): the
+    RPO each reports at a kill must hold for the writes of both — no process may write a version
+    older than what another's heartbeat already vouched for."""
+    primary, fallback = mongo_pair
+    first = await start(primary, fallback)
+    second = await start(primary, fallback)
+    try:
+        await streaming(first)
+        await streaming(second)
+        writers = [OffsetWriter(first, 0).start(), OffsetWriter(second, 1_000_000).start()]
+        for writer in writers:
+            await writer.acknowledged(200)
+        await asyncio.sleep(1.0)
+        killed = await STORE.outage(first, primary)
+        await wait_for(lambda: state(second) is SwitchState.ON_FALLBACK, 10, "the second process fails over")
+        for writer in writers:
+            await writer.stop()
+        served = {d["_id"]: d.get("note") async for d in raw(fallback)["items"].find({})}
+        for dbs in (first, second):
+            status = warm(dbs)
+            rpo = status["rpo_at_last_failover_s"]
+            assert rpo is not None and rpo < 1.0, status
+            horizon = killed - rpo - status["heartbeat_interval_s"] - 0.05
+            expected = {k: v for writer in writers for k, v in writer.expected_before(horizon).items()}
+            assert len(expected) > 50, "too few writes before the kill"
+            assert missing(expected, served) == [], status
+    finally:
+        await first.close()
+        await second.close()

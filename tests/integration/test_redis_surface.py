@@ -108,6 +108,22 @@ async def next_message(pubsub: Any, kinds: set[str], timeout: float = 10.0) -> d
     raise AssertionError(f"no {kinds} message within {timeout:g}s")
 
 
+async def subscribed_on_server(dbs: Databases, channel: str, patterns: int) -> None:
+    """Wait (≤ 10 s) until the server counts a subscriber of *channel* and *patterns* patterns.
+
+    redis-py's ``subscribe()`` returns once SUBSCRIBE is sent, not once the server took it: a
+    PUBLISH on another connection right after can reach the server first (0 receivers; seen with
+    redis-py 5.2 in CI).
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        counts = dict(await dbs.redis.pubsub_numsub(channel))
+        if counts.get(channel.encode(), 0) >= 1 and await dbs.redis.pubsub_numpat() >= patterns:
+            return
+        assert time.monotonic() < deadline, (counts, await dbs.redis.pubsub_numpat())
+        await asyncio.sleep(0.02)
+
+
 async def publish_until_received(dbs: Databases, pubsub: Any, channel: str, data: str, kind: str = "message") -> dict[str, Any]:
     """Publish every 50 ms until the subscriber gets it (a publish before it re-subscribed is lost)."""
     deadline = time.monotonic() + 10
@@ -131,6 +147,7 @@ async def test_pubsub_subscriptions_move_to_the_fallback_and_back_and_report_the
         await pubsub.subscribe("news")
         await pubsub.psubscribe("ev:*")
         assert pubsub.subscribed
+        await subscribed_on_server(dbs, "news", patterns=1)
         assert await dbs.redis.publish("news", "one") == 1
         assert (await next_message(pubsub, {"message"}))["data"] == b"one"
         assert await dbs.redis.publish("ev:a", "two") == 1

@@ -497,3 +497,34 @@ async def test_two_processes_syncing_one_pair_each_report_an_rpo_that_holds_for_
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_round_stopped_between_reading_and_applying_reads_those_changes_again(
+    mongo_pair: tuple[LocalServer, LocalServer], raw: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round that read a batch and could not write it (the store left its primary for a moment:
+    the write's check stops it) must not go on from where the server cursor stands: those changes
+    are read again from the applied position, or they never reach the fallback."""
+    from failover.stores.mongodb import warm as warm_module
+
+    primary, fallback = mongo_pair
+    p, f = raw(primary), raw(fallback)
+    dbs = await start(primary, fallback)
+    try:
+        items = await seeded_items(dbs, f)
+        write = warm_module.MongoWarmSync._write
+        stopped = 0
+
+        async def stop_once(self: Any, fallback: Any, name: str, writes: list[Any], ids: list[Any]) -> None:
+            nonlocal stopped
+            if name == "items" and not stopped:
+                stopped += 1
+                raise warm_module._Stopped
+            await write(self, fallback, name, writes, ids)
+
+        monkeypatch.setattr(warm_module.MongoWarmSync, "_write", stop_once)
+        await items.insert_many([{"_id": i, "note": f"n{i}"} for i in range(1, 50)])
+        await same_items(p, f, 50, dbs)
+        assert stopped == 1
+    finally:
+        await dbs.close()

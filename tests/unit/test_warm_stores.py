@@ -202,7 +202,7 @@ def _collections(**drained: int) -> tuple[list[_Collection], _Collection]:
     found = [heartbeat]
     for name, rnd in drained.items():
         coll = _Collection(name)
-        coll.drained = rnd
+        coll.drained, coll.copied = rnd, True
         found.append(coll)
     return found, heartbeat
 
@@ -221,6 +221,10 @@ def test_a_closed_stream_holds_every_heartbeat_back() -> None:
     """A stream closed by an error is read again from its token: what it had read and drained may
     not be on the fallback, so a heartbeat read before must wait for it to be drained again."""
     colls, hb = _collections(items=9, orders=-1)
+    assert _releasable([(3, 10)], colls, hb) == (None, [(3, 10)])
+    # Read to its end, but waiting for its copy (new, or its change history lost): holds them too.
+    colls, hb = _collections(items=9, orders=9)
+    colls[-1].copied = False
     assert _releasable([(3, 10)], colls, hb) == (None, [(3, 10)])
     compared = _Collection("logs")
     compared.compare, compared.drained = True, -1  # compared collections are not covered by heartbeats

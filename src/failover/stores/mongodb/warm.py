@@ -4,8 +4,8 @@ Atlas (the usual primary) is a replica set: change streams work there. Per
 collection of the configured database:
 
 * **Initial copy** — a change stream is opened *first* (its resume token marks
-  the start), then the collection is compared with the fallback's in ``_id``
-  order, batch by batch, and the documents that differ are written
+  the start), then the collection is compared with the fallback's batch by
+  batch (plain cursors: see :meth:`MongoWarmSync._compare`), and the documents that differ are written
   (``ReplaceOne(upsert=True)``), those the primary lacks deleted. Then the
   stream is read from that token: a change made during the copy arrives once
   more, harmlessly (see the next point). Progress: documents done of the
@@ -16,12 +16,14 @@ collection of the configured database:
   ``bulk_write``. A final state, never an event's image: replaying an old event
   cannot bring an old version back, so resuming from an older token is always
   safe, and several processes syncing the same pair never write a version
-  older than the one their lookup saw (images would be cheaper for the primary,
-  measured: see the README, but a process behind the others would write older
-  versions over newer ones, past the heartbeats of the others). After each
-  applied batch the stream's resume token is stored on the fallback
-  (``failover_warm``, one document per collection): a new process resumes from
-  it without a new copy. Streams are read with the server's own
+  older than the one their lookup saw (taking events' images instead made no
+  measurable difference to the primary here, and a process behind the others
+  would write older versions over newer ones, past the heartbeats of the
+  others). After applied batches the stream's resume token is stored on the
+  fallback (``failover_warm``, one document per collection, at most every
+  :data:`TOKEN_SAVE_INTERVAL`; a quiet stream's advancing position every
+  :data:`QUIET_TOKEN_SAVE_INTERVAL`): a new process resumes from it without a
+  new copy. Streams are read with the server's own
   ``aggregate``/``getMore`` commands (:class:`_Stream`), one whole batch per
   ``getMore``, so a round costs the primary one ``getMore`` per stream however
   fast the application writes (more only while batches come back full), and
@@ -29,7 +31,7 @@ collection of the configured database:
   routers (a sharded cluster, a load balancer) PyMongo's ``watch()`` is used
   instead (:class:`_DriverStream`), which cannot tell that.
 * **Comparison** where change streams are not available (a standalone primary,
-  a server without them: opening a change stream fails): the same ``_id``-ordered
+  a server without them: opening a change stream fails): the same
   comparison as the initial copy, every :data:`DEFAULT_COMPARE_INTERVAL`
   seconds; its pace is the lag.
 
@@ -126,6 +128,10 @@ TOKEN_SAVE_INTERVAL = 1.0
 """Least seconds between two saves of one collection's resume token on the fallback. Resuming
 from an older token only applies some final states again (see above), so a process killed in
 between loses nothing."""
+QUIET_TOKEN_SAVE_INTERVAL = 60.0
+"""Least seconds between two saves of a stream's position that advanced with no event (a quiet
+collection's token would otherwise grow older than the primary's change history, and resuming
+from it would need a new comparison)."""
 EVENTS_PER_ROUND = 10 * DEFAULT_BATCH
 """Events read from one stream per round (their distinct documents are applied in batches)."""
 EVENTS_PER_READ = 1000
@@ -331,6 +337,7 @@ class MongoWarmSync(WarmSync):
         self._beat_seen = 0  # the newest of them read back from its stream
         self._clients: dict[str, AsyncMongoClient[Any]] = {}
         self._sessions: dict[str, Any] = {}
+        self._orphans: list[Any] = []  # streams taken out of use, still to close
         self._endpoints: tuple[Endpoint, Endpoint] | None = None
         self._collections: dict[str, _Collection] = {}
         self._task: asyncio.Task[None] | None = None
@@ -414,16 +421,24 @@ class MongoWarmSync(WarmSync):
 
     async def pause(self, fallback: Endpoint) -> None:
         self._active = False
+        self._detach(self._collections.values())  # now: even if this wait is cut short, none is reused
         await self._stop()
-        self._held_beats = []  # read again from the stored token
+        self._held_beats = []  # their streams reopen past them: the next beats measure the lag
         await self._close_streams()
+
+    def _detach(self, collections: Any) -> None:
+        """Take *collections*' streams out of use at once (no wait): each reopens from its token,
+        the position of what was applied, and is closed by the next :meth:`_close_streams`."""
+        for coll in collections:
+            if coll.stream is not None:
+                self._orphans.append(coll.stream)
+                coll.stream = None
+            coll.drained = -1  # read again from its token before it lets a heartbeat through
 
     async def _close_streams(self) -> None:
         """Close every stream (each reopens from its token): at most :data:`CLOSE_TIMEOUT` seconds in all."""
-        streams = [c.stream for c in self._collections.values() if c.stream is not None]
-        for coll in self._collections.values():
-            coll.stream = None
-            coll.drained = -1  # read again from its token before it lets a heartbeat through
+        self._detach(self._collections.values())
+        streams, self._orphans = self._orphans, []
         await _close(streams)
 
     async def heartbeat(self, primary: Endpoint) -> int:
@@ -480,7 +495,9 @@ class MongoWarmSync(WarmSync):
             if name not in self._collections:
                 coll = _Collection(name)
                 coll.token = stored.get(name)
-                coll.copied = coll.token is not None  # a stored token: this fallback was copied before
+                # A stored token: this fallback was copied before. Heartbeats are never copied: each
+                # process writes its own on the fallback when the data before it is there.
+                coll.copied = coll.token is not None or name == HEARTBEAT
                 self._collections[name] = coll
                 if not coll.copied:
                     self._to_copy = True
@@ -492,6 +509,8 @@ class MongoWarmSync(WarmSync):
         await self._db(fallback)[TOKENS].delete_one({"_id": coll.name})
         logger.info("mongodb: warm sync: %s was dropped on the primary: no longer synced", coll.name)
         self._collections.pop(coll.name, None)
+        if coll.name == HEARTBEAT:
+            self._next_discover = 0.0  # it is always synced: back (and re-created) at the next round
         if coll.stream is not None:
             stream, coll.stream = coll.stream, None
             await _close([stream])
@@ -526,6 +545,7 @@ class MongoWarmSync(WarmSync):
                 self._error = None
             except _Stopped:
                 busy = False
+                await self._close_streams()  # what was read and not applied is read again, from the tokens
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one round
                 self.apply_errors += 1
                 self._error = f"{type(exc).__name__}: {exc}"
@@ -586,16 +606,16 @@ class MongoWarmSync(WarmSync):
                 read += len(events)
                 self.events += len(events)
                 for event in events:
+                    if event.get("operationType") in _ENDS_STREAM:  # dropped (the heartbeat's too)
+                        dropped.append(coll)
+                        ended = True
+                        break
                     if coll is heartbeat:
                         number = _beat_number(event, self.heartbeat_id)
                         if number is not None:
                             self._held_beats.append((self._rounds, number))
                             self._beat_seen = max(self._beat_seen, number)
                         continue
-                    if event.get("operationType") in _ENDS_STREAM:
-                        dropped.append(coll)
-                        ended = True
-                        break
                     doc_id = _event_id(event)
                     if doc_id is not _NO_ID:
                         ids[_key(doc_id)] = doc_id
@@ -611,7 +631,7 @@ class MongoWarmSync(WarmSync):
                 coll.drained = -1
                 if coll in drained_now:
                     drained_now.remove(coll)
-            if read:
+            if read or token != coll.token:  # a quiet stream's position advances too
                 changed[coll.name] = (coll, ids, token)
         for name, (coll, ids, token) in changed.items():
             chunk = list(ids.values())
@@ -620,19 +640,21 @@ class MongoWarmSync(WarmSync):
                 busy = True
             if coll not in dropped:
                 coll.token = token
-                if time.monotonic() - coll.saved_at >= TOKEN_SAVE_INTERVAL:
+                every = TOKEN_SAVE_INTERVAL if ids or coll is heartbeat else QUIET_TOKEN_SAVE_INTERVAL
+                if time.monotonic() - coll.saved_at >= every:
                     await self._save_token(fallback, name, token)
                     coll.saved_at = time.monotonic()
         for coll in drained_now:
             coll.drained = self._rounds  # its events are on the fallback now
         for coll in dropped:
             await self._forget(fallback, coll)
-        ready, self._held_beats = _releasable(self._held_beats, self._collections.values(), heartbeat)
+        ready, held = _releasable(self._held_beats, self._collections.values(), heartbeat)
         if ready is not None:
             self._check()
             await self._db(fallback)[HEARTBEAT].update_one(
                 {"_id": self.heartbeat_id}, {"$max": {"n": ready}}, upsert=True
             )
+        self._held_beats = held  # once written: a beat ready now stays held if that write failed
         return busy
 
     async def _open(self, primary: Endpoint, coll: _Collection) -> bool:
@@ -644,14 +666,17 @@ class MongoWarmSync(WarmSync):
             try:
                 await stream.open(coll.token)
             except OperationFailure as exc:
-                if coll.token is None or not _history_lost(exc):
+                if coll.token is None or not (_history_lost(exc) or coll.name == HEARTBEAT):
                     raise
-                # The token is older than the primary's change history: a new stream from now, and
-                # a comparison after it (the next round's copy), as for a new collection.
-                logger.warning("mongodb: the change history of %s no longer reaches its stored token: comparing it", coll.name)
                 coll.token = None
-                coll.copied = False
-                self._to_copy = True
+                if coll.name != HEARTBEAT:  # heartbeats need no copy: the next ones measure the lag
+                    # The token is older than the primary's change history: a new stream from now,
+                    # and a comparison after it (the next round's copy), as for a new collection.
+                    logger.warning(
+                        "mongodb: the change history of %s no longer reaches its stored token: comparing it", coll.name
+                    )
+                    coll.copied = False
+                    self._to_copy = True
                 await stream.open(None)
         except (OperationFailure, ConfigurationError) as exc:  # no change streams (or no sessions) there
             why = exc.code if isinstance(exc, OperationFailure) else type(exc).__name__
@@ -672,8 +697,7 @@ class MongoWarmSync(WarmSync):
         return _Stream(self._db(primary), name, await self._session(primary), EVENTS_PER_READ)
 
     async def _initial_copy(self, primary: Endpoint, fallback: Endpoint) -> None:
-        # The heartbeat first: a number copied before the data can only under-state the fallback.
-        todo = sorted((c for c in self._collections.values() if not c.copied), key=lambda c: c.name != HEARTBEAT)
+        todo = [c for c in self._collections.values() if not c.copied]  # never the heartbeats (see _discover)
         self._copy_done = 0
         total = 0
         for coll in todo:
@@ -818,10 +842,13 @@ def _releasable(
     A heartbeat read in round r may go once every streamed data collection was read to its end, and
     what it read applied, in round r or later (the heartbeat's stream is polled first in a round):
     every change made before the heartbeat is on the fallback then. A collection whose stream is
-    closed (an error, its history lost, not opened yet) has ``drained == -1`` and holds them all.
+    closed (an error, not opened yet) has ``drained == -1``, and one still waiting for its copy (new,
+    or its change history lost) counts as never drained: either holds them all.
     The number is the one the event carried, never a newer one read from the primary.
     """
-    floor = min((c.drained for c in collections if c is not heartbeat and not c.compare), default=None)
+    floor = min(
+        (c.drained if c.copied else -1 for c in collections if c is not heartbeat and not c.compare), default=None
+    )
     if floor is None:  # nothing streamed but the heartbeat
         return (max(n for _, n in held) if held else None), []
     ready = [number for read, number in held if read <= floor]

@@ -627,8 +627,7 @@ class MongoWarmSync(WarmSync):
             token = coll.stream.token
             if not ended and not coll.stream.open_cursor:
                 # The server closed the cursor without saying why: reopened from its token next round.
-                coll.stream = None
-                coll.drained = -1
+                self._detach([coll])
                 if coll in drained_now:
                     drained_now.remove(coll)
             if read or token != coll.token:  # a quiet stream's position advances too

@@ -22,8 +22,11 @@ from failover.local.proxy import FaultProxy, proxied_url
 
 
 @contextlib.asynccontextmanager
-async def delayed_primary(url: str, port: int, rtt_s: float, cpu: int | None = None) -> AsyncIterator[str]:
-    """Yield *url* rewritten to reach the server on *port* through a proxy adding *rtt_s* per round trip."""
+async def delayed_primary(
+    url: str, port: int, rtt_s: float, cpu: int | None = None
+) -> AsyncIterator[tuple[str, int]]:
+    """Yield *url* rewritten to reach the server on *port* through a proxy adding *rtt_s* per round trip,
+    and the proxy's process id (its CPU time is the emulated network's, not the primary's)."""
     args = [sys.executable, "-m", "benchmarks._netem", str(port), repr(rtt_s / 2)]
     if cpu is not None:
         args.append(str(cpu))
@@ -35,7 +38,7 @@ async def delayed_primary(url: str, port: int, rtt_s: float, cpu: int | None = N
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
         if not line.strip().isdigit():
             raise RuntimeError(f"the delaying proxy did not start (printed {line!r})")
-        yield proxied_url(url, int(line))
+        yield proxied_url(url, int(line)), proc.pid
     finally:
         if proc.stdin is not None:
             proc.stdin.close()

@@ -168,13 +168,14 @@ def _cpu_s(pid: int) -> float:
 
 
 async def _costed_loop(
-    op: Callable[[int], Awaitable[Any]], workers: int, seconds: float, servers: dict[str, Any]
+    op: Callable[[int], Awaitable[Any]], workers: int, seconds: float, servers: dict[str, int]
 ) -> tuple[float, dict[str, float]]:
-    """:func:`_closed_loop`, plus the CPU µs per operation of this process and of each of *servers*."""
+    """:func:`_closed_loop`, plus the CPU µs per operation of this process and of each of *servers*
+    (name -> process id, counted with the processes below it)."""
 
     def cpu() -> dict[str, float]:
         times = os.times()
-        return {"app": times.user + times.system, **{name: _cpu_s(s.pid) for name, s in servers.items()}}
+        return {"app": times.user + times.system, **{name: _cpu_s(pid) for name, pid in servers.items()}}
 
     before, started = cpu(), time.monotonic()
     us = await _closed_loop(op, workers, seconds)
@@ -231,16 +232,17 @@ async def one_round(bench: WarmBench, mode: str, seconds: float) -> dict[str, An
         if not bench.primary_rtt_s:
             return await _measure(bench, mode, seconds, primary, fallback, primary.url)
         cpu = 1 if bench.pin else None
-        async with delayed_primary(primary.url, primary.port, bench.primary_rtt_s, cpu) as primary_url:
-            result = await _measure(bench, mode, seconds, primary, fallback, primary_url)
+        async with delayed_primary(primary.url, primary.port, bench.primary_rtt_s, cpu) as (primary_url, proxy):
+            result = await _measure(bench, mode, seconds, primary, fallback, primary_url, proxy)
             result["primary_rtt_ms"] = bench.primary_rtt_s * 1000
             return result
 
 
 async def _measure(
-    bench: WarmBench, mode: str, seconds: float, primary: Any, fallback: Any, primary_url: str
+    bench: WarmBench, mode: str, seconds: float, primary: Any, fallback: Any, primary_url: str, proxy: int | None = None
 ) -> dict[str, Any]:
-    """One round's figures on started servers; clients reach the primary at *primary_url*."""
+    """One round's figures on started servers; clients reach the primary at *primary_url* (through the
+    delaying proxy of process id *proxy*, when given)."""
     workload = WORKLOADS[bench.store]()
     for server in (primary, fallback):
         await workload.prepare(server.url)
@@ -278,9 +280,10 @@ async def _measure(
         sampler = asyncio.create_task(sample())
         try:
             for c in CONCURRENCY:
-                result[f"failover_us_c{c}"], cpu = await _costed_loop(
-                    op, c, seconds, {"primary": primary, "fallback": fallback}
-                )
+                costed = {"primary": primary.pid, "fallback": fallback.pid}
+                if proxy is not None:
+                    costed["network"] = proxy
+                result[f"failover_us_c{c}"], cpu = await _costed_loop(op, c, seconds, costed)
                 for name, us in cpu.items():  # where the time went: CPU µs per operation
                     result[f"cpu_{name}_us_c{c}"] = us
                 result[f"ratio_c{c}"] = result[f"failover_us_c{c}"] / result[f"raw_us_c{c}"]
@@ -307,12 +310,13 @@ def _print_summary(rounds: list[dict[str, Any]], modes: Sequence[str]) -> None:
             via = statistics.median(r[f"failover_us_c{c}"] for r in mine)
             ratio = statistics.median(r[f"ratio_c{c}"] for r in mine)
             print(f"| {mode} | {c} | {raw:.0f} | {via:.0f} | {ratio:.2f} |")
-    print("\n| warm | concurrency | CPU µs/op: this process | primary | fallback |")
-    print("|---|---|---|---|---|")
+    parts = ["app", "primary", "fallback"] + (["network"] if all("cpu_network_us_c1" in r for r in rounds) else [])
+    print("\n| warm | concurrency | CPU µs/op: this process | primary | fallback |" + (" network proxy |" if len(parts) > 3 else ""))
+    print("|---|---|---|---|---|" + ("---|" if len(parts) > 3 else ""))
     for mode in modes:
         mine = [r for r in rounds if r["mode"] == mode]
         for c in CONCURRENCY:
-            cells = [statistics.median(r[f"cpu_{name}_us_c{c}"] for r in mine) for name in ("app", "primary", "fallback")]
+            cells = [statistics.median(r[f"cpu_{name}_us_c{c}"] for r in mine) for name in parts]
             print(f"| {mode} | {c} | " + " | ".join(f"{v:.0f}" for v in cells) + " |")
     on = [r for r in rounds if r["mode"] == "on"]
     for c in CONCURRENCY if on and "off" in modes else ():

@@ -27,12 +27,24 @@ Why it is built this way:
   :class:`~failover.errors.TransactionRolledBack` /
   :class:`~failover.errors.OutcomeUnknown`, so ``except DBAPIError`` code keeps
   working and ``except failover.TransactionRolledBack`` works too.
+* **Reconcile's write hold covers plain sessions.** A connection checked out of
+  the pool counts as an operation in flight until it is checked in (or detached),
+  like a ``connection()`` block: the final catch-up before failback waits for it,
+  and a checkout during the hold waits for the hold to end (within
+  ``FAILOVER_OPERATION_TIMEOUT``), then takes the route the switch chose. A
+  session's transaction therefore runs wholly before the catch-up or wholly after
+  it, never across it (a write on the fallback after the catch-up would reach the
+  primary only with a later sweep, possibly over a newer write). Checkouts inside
+  :func:`run_session_transaction`, which is admitted as a whole, are not counted
+  again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -41,6 +53,7 @@ import psycopg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util import await_only
 
 from ...core.endpoint import Role
 from ...core.events import Event, StateChanged, SwitchState
@@ -59,6 +72,11 @@ __all__ = [
 logger = logging.getLogger("failover.postgres.sqlalchemy")
 
 T = TypeVar("T")
+
+_ADMITTED: contextvars.ContextVar[bool] = contextvars.ContextVar("failover_sqlalchemy_admitted", default=False)
+"""True inside :func:`run_session_transaction`: its checkouts are covered by its own admission."""
+_COUNTED = "failover_counted_in_flight"
+"""``record_info`` key (kept when a connection is invalidated, unlike ``info``): this checkout is in flight."""
 
 
 class _FailoverDBAPIError(sa_exc.OperationalError):
@@ -132,14 +150,34 @@ def create_engine(store: PostgresStore, **engine_kwargs: Any) -> AsyncEngine:
     engine = create_async_engine("postgresql+psycopg://", async_creator=connect_to_active, **engine_kwargs)
     sync_engine = engine.sync_engine
 
+    admission = failover.admission
+
     @event.listens_for(sync_engine, "checkout")
-    def discard_stale(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    def admit_and_discard_stale(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        counted = not _ADMITTED.get()
+        if counted and admission.held:
+            # A reconcile's final catch-up: wait for it like a connection() block (SQLAlchemy checks
+            # out inside a greenlet, so the wait can be awaited from this synchronous hook); the
+            # check below then sends a connection to the endpoint left behind back to the creator.
+            await_only(admission.wait(time.monotonic() + failover.options.operation_timeout))
         conn = getattr(dbapi_connection, "driver_connection", None)
         endpoint = getattr(conn, "endpoint", None)
         if endpoint is None or endpoint.role is not failover.active_role:
             raise sa_exc.DisconnectionError("the connection goes to an endpoint that is no longer active")
         if not _socket_alive(conn):  # type: ignore[arg-type]
             raise sa_exc.DisconnectionError(f"{endpoint.name} closed the connection while it was idle")
+        if counted:  # last: a checkout refused above is tried again, and must not count twice
+            admission.enter()
+            record.record_info[_COUNTED] = True
+
+    @event.listens_for(sync_engine, "checkin")
+    def release(dbapi_connection: Any, record: Any) -> None:
+        if record is not None and record.record_info.pop(_COUNTED, False):
+            admission.leave()
+
+    @event.listens_for(sync_engine, "detach")
+    def release_detached(dbapi_connection: Any, record: Any) -> None:
+        release(dbapi_connection, record)  # a detached connection is never checked in
 
     @event.listens_for(sync_engine, "handle_error")
     def classify(ctx: Any) -> BaseException | None:
@@ -260,10 +298,14 @@ async def run_session_transaction(
         try:
             # Admitted like a connection() block, so a reconcile hold waits for it as a whole.
             async with failover.admission.admitted(runs.deadline):
-                async with asyncio.timeout(runs.remaining()):
-                    async with session_factory() as session:
-                        async with session.begin():
-                            result = await fn(session)
+                admitted = _ADMITTED.set(True)
+                try:
+                    async with asyncio.timeout(runs.remaining()):
+                        async with session_factory() as session:
+                            async with session.begin():
+                                result = await fn(session)
+                finally:
+                    _ADMITTED.reset(admitted)
             return result
         except TimeoutError as exc:
             raise _timed_out(failover, budget) from exc

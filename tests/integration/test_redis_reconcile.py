@@ -568,3 +568,111 @@ async def test_reconcile_off_keeps_todays_behaviour(pair: tuple[LocalServer, Loc
         await dbs.close()
         await p.aclose()
         await f.aclose()
+
+
+async def test_watched_transactions_lose_no_acknowledged_write_across_an_outage_and_failback(
+    pair: tuple[LocalServer, LocalServer],
+) -> None:
+    """8 writers, each the only one to write its key, with WATCH ... MULTI/EXEC pipelines that stay
+    bound ~50 ms (a read-modify-write's work): kill the primary, write on the fallback, restart it.
+    A pipeline bound to the fallback across the final catch-up would EXEC there after failback,
+    and the sweep would later copy that write over the key's newer ones on the primary."""
+    from failover.core.events import Event, ReconcileCompleted
+    from failover.errors import OutcomeUnknown, TransactionRolledBack
+    from redis.exceptions import WatchError
+
+    primary, fallback = pair
+    dbs = await databases(primary, fallback)
+    events: list[Event] = []
+    dbs.subscribe(events.append)
+    final: dict[bytes, bytes] = {}
+    unknown: set[bytes] = set()
+    errors: list[BaseException] = []
+    stop = asyncio.Event()
+
+    async def writer(key: bytes) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                async with dbs.redis.pipeline() as pipe:
+                    await pipe.watch(key)
+                    await asyncio.sleep(0.05)  # the pipeline stays bound to its endpoint
+                    pipe.multi()
+                    pipe.set(key, n)
+                    await pipe.execute()
+            except (TransactionRolledBack, WatchError):
+                continue  # not applied: the last acknowledged value stands
+            except OutcomeUnknown:
+                unknown.add(key)
+                continue
+            except Exception as exc:  # noqa: BLE001 - asserted empty below
+                errors.append(exc)
+                await asyncio.sleep(0.05)
+                continue
+            final[key] = str(n).encode()
+            unknown.discard(key)
+
+    keys = [f"watched:{w}".encode() for w in range(8)]
+    writers = [asyncio.create_task(writer(key)) for key in keys]
+    try:
+        await wait_for(lambda: len(final) == 8, 20, "every key written once")
+        await outage(dbs, primary)
+        on_fallback = dict(final)
+        await wait_for(lambda: sum(final[k] != on_fallback.get(k) for k in final) >= 8, 20, "writes on the fallback")
+        await failback(dbs, primary)
+        await asyncio.sleep(1.0)  # writers go on on the primary
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*writers), 30)
+        reconcile = dbs.store("redis").reconciler
+        assert reconcile is not None
+        await wait_for(lambda: not reconcile.running and reconcile.backlog == 0, 20, "sweeps")
+        assert dbs.store("redis").admission.inflight == 0  # every bound pipeline counted out
+        # One process: every write made on the fallback was copied before failback, so a sweep (a
+        # run with no hold) that finds one means a pipeline ran across the final catch-up.
+        swept = [e for e in events if isinstance(e, ReconcileCompleted) and e.hold is None and e.applied]
+        assert not swept, swept
+        assert not errors, errors[:3]
+        client = raw(primary)
+        try:
+            on_primary = {k: await client.get(k) for k in keys}
+        finally:
+            await client.aclose()
+        expected = {k: v for k, v in final.items() if k not in unknown}
+        assert len(expected) >= 6, (final, unknown)
+        wrong = {k: (v, on_primary.get(k)) for k, v in expected.items() if on_primary.get(k) != v}
+        assert not wrong, f"(acknowledged, on the primary) per key: {wrong}"
+    finally:
+        stop.set()
+        await asyncio.gather(*writers, return_exceptions=True)
+        await dbs.close()
+
+
+async def test_a_watched_pipeline_counts_as_in_flight_until_reset_or_dropped(pair: tuple[LocalServer, LocalServer]) -> None:
+    import gc
+
+    primary, fallback = pair
+    dbs = await databases(primary, fallback)
+    admission = dbs.store("redis").admission
+    try:
+        async with dbs.redis.pipeline() as pipe:
+            assert admission.inflight == 0
+            await pipe.watch("k")
+            assert admission.inflight == 1
+            async with admission.hold():  # a final catch-up waits for it...
+                idle = asyncio.create_task(admission.idle())
+                done, _ = await asyncio.wait({idle}, timeout=0.3)
+                assert not done
+                pipe.multi()
+                pipe.set("k", 1)
+                await pipe.execute()  # ...until it ends
+                await asyncio.wait_for(idle, 5)
+            assert admission.inflight == 0
+        dropped = dbs.redis.pipeline()
+        await dropped.watch("k")
+        assert admission.inflight == 1
+        del dropped  # never reset: counted out when collected
+        gc.collect()
+        assert admission.inflight == 0
+    finally:
+        await dbs.close()

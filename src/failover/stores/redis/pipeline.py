@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,10 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
     ``WATCH`` binds the pipeline to the active endpoint at that moment: the
     following commands and ``execute()`` run there, never elsewhere (a lost
     connection then raises redis-py's ``WatchError`` or ``OutcomeUnknown``).
+    From binding to :meth:`reset` (which ``execute()`` and ``async with`` call)
+    the pipeline counts as an operation in flight: a reconcile's final catch-up
+    waits for it, so an ``EXEC`` bound to the fallback never lands there after
+    failback (where only a later sweep would copy it, over newer writes).
     """
 
     def __init__(self, store: RedisStore, transaction: bool) -> None:
@@ -40,6 +45,10 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
         self.command_stack: CommandStack = []
         self.explicit_transaction = False
         self._bound: tuple[Endpoint, Pipeline] | None = None
+        # Counts this pipeline in its store's admission gate while bound; called once, by reset() or,
+        # for a pipeline dropped without one, by its garbage collection (a count left behind would
+        # make every later final catch-up wait out its whole hold).
+        self._in_flight: weakref.finalize[..., Any] | None = None
 
     def get_encoder(self) -> Any:
         return self._store.get_encoder()
@@ -98,7 +107,13 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
             transaction = self.is_transaction
 
             async def bind(endpoint: Endpoint) -> tuple[Endpoint, Pipeline]:
-                return endpoint, await backend.bind_pipeline(endpoint, transaction)
+                pipe = await backend.bind_pipeline(endpoint, transaction)
+                # Counted while run() still counts the bind: a final catch-up that began meanwhile
+                # waits for the pipeline as well (counted after run(), it could be let through).
+                self._leave()
+                store.admission.enter()
+                self._in_flight = weakref.finalize(self, store.admission.leave)
+                return endpoint, pipe
 
             # Leasing sends nothing, so it may be tried on either endpoint.
             self._bound = await store.run(bind, idempotent=True, label="Redis WATCH")
@@ -162,12 +177,18 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
         finally:
             await self.reset()
 
+    def _leave(self) -> None:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight()
+
     # The pipeline's reset() (as redis-py's Pipeline.reset), not the RESET command of the mixin.
     async def reset(self) -> None:  # type: ignore[override]
         """Forget queued commands and release a connection held by ``WATCH``."""
         self.command_stack = []
         self.explicit_transaction = False
         bound, self._bound = self._bound, None
+        self._leave()
         if bound is not None:
             try:
                 await bound[1].reset()

@@ -259,15 +259,79 @@ async def test_plain_sessions_count_as_in_flight_and_wait_out_a_reconcile_hold(p
         await asyncio.wait_for(late, 5)
         assert item_ids(primary) == [1, 2]
 
-        # run_session_transaction is admitted as a whole: its checkout is not counted twice, and a
-        # hold that began before it lets it through once over.
+        # run_session_transaction is admitted as a whole: its checkout is not counted twice. A task
+        # started inside it that opens a session after the run ended is counted again.
+        go = asyncio.Event()
+        seen: list[int] = []
+
+        async def later() -> None:
+            await go.wait()
+            async with sessions() as session:
+                await session.execute(text("select 1"))
+                seen.append(admission.inflight)
+
+        spawned: list[asyncio.Task[None]] = []
+
         async def add_three(session: AsyncSession) -> None:
             assert admission.inflight == 1
             session.add(Item(id=3, note="run_session_transaction"))
+            spawned.append(asyncio.create_task(later()))
 
         await dbs.postgres.run_session_transaction(sessions, add_three)
         assert admission.inflight == 0
+        go.set()
+        await asyncio.wait_for(spawned[0], 5)
+        assert seen == [1]
+        assert admission.inflight == 0
         assert item_ids(primary) == [1, 2, 3]
+    finally:
+        await engine.dispose()
+        await dbs.close()
+
+
+async def test_in_flight_counting_survives_a_retried_checkout_and_a_hold_longer_than_the_timeout(
+    pg_pair: Pair,
+) -> None:
+    primary, fallback = pg_pair
+    create_schema(Base.metadata, primary, fallback)
+    dbs = await databases(primary.url, fallback.url, FAILOVER_OPERATION_TIMEOUT=0.5)
+    engine = dbs.postgres.sqlalchemy_engine()
+    sessions = async_sessionmaker(engine)
+    admission = dbs.store("postgres").admission
+    refused: list[int] = []
+
+    @sqlalchemy.event.listens_for(engine.sync_engine, "checkout")
+    def refuse_once(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        # An application's own listener (a ping on checkout) refusing a connection after ours
+        # counted it: SQLAlchemy reconnects on the same record and runs ours again.
+        if not refused:
+            refused.append(1)
+            raise sqlalchemy.exc.DisconnectionError("refused by the application's listener")
+
+    try:
+        async with sessions() as session:
+            await session.execute(text("select 1"))
+            assert refused and admission.inflight == 1
+        assert admission.inflight == 0
+
+        # A hold that outlasts the operation timeout: the session gives up without sending anything.
+        async with admission.hold():
+            with pytest.raises(OperationTimeout, match="final catch-up held"):
+                async with sessions() as session, session.begin():
+                    session.add(Item(id=1, note="during the hold"))
+            assert admission.inflight == 0
+        assert item_ids(primary) == [] and item_ids(fallback) == []
+
+        # An engine that opts out is neither counted nor held.
+        unheld = dbs.postgres.sqlalchemy_engine(hold_for_reconcile=False)
+        try:
+            async with admission.hold():
+                async with unheld.begin() as conn:
+                    await conn.execute(insert(Item).values(id=2, note="not held"))
+                    assert admission.inflight == 0
+            assert item_ids(primary) == [2]
+        finally:
+            await unheld.dispose()
     finally:
         await engine.dispose()
         await dbs.close()
@@ -363,6 +427,8 @@ async def test_plain_session_writers_lose_no_acknowledged_write_across_an_outage
         # happened to overwrite again).
         swept_writes = [e for e in events if isinstance(e, ReconcileCompleted) and e.hold is None and e.applied]
         assert not swept_writes, swept_writes
+        with psycopg.connect(fallback.url, connect_timeout=2) as conn:  # nor one waiting for a sweep
+            assert conn.execute("select count(*) from failover.changes").fetchone() == (0,)
         with psycopg.connect(primary.url, connect_timeout=2) as conn:
             on_primary = dict(conn.execute("select id, note from sa_items").fetchall())
         expected = {k: v for k, v in final.items() if k not in unknown}

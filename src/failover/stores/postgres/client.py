@@ -320,16 +320,19 @@ class PostgresStore:
                 raise error
             logger.info("running the transaction again (run %d of at most %d) after %s", runs.number, runs.attempts, type(error).__name__)
 
-    def sqlalchemy_engine(self, **engine_kwargs: Any) -> Any:
+    def sqlalchemy_engine(self, *, hold_for_reconcile: bool = True, **engine_kwargs: Any) -> Any:
         """An SQLAlchemy ``AsyncEngine`` (``postgresql+psycopg``) on the active endpoint.
 
         Needs ``pip install failover[sqlalchemy]``. Its pool gets its connections
         from the active endpoint, drops them when the store switches, and its
-        disconnects feed the breaker. *engine_kwargs* go to
-        ``create_async_engine`` (``pool_size``, ``echo``, ...). See
-        :mod:`failover.stores.postgres.sqlalchemy`.
+        disconnects feed the breaker. A checked-out connection counts as an
+        operation in flight for a reconcile's write hold; pass
+        ``hold_for_reconcile=False`` for an engine whose connections stay checked
+        out for long (a ``LISTEN`` loop), which would keep failback waiting.
+        *engine_kwargs* go to ``create_async_engine`` (``pool_size``, ``echo``,
+        ...). See :mod:`failover.stores.postgres.sqlalchemy`.
         """
-        return _sqlalchemy_integration().create_engine(self, **engine_kwargs)
+        return _sqlalchemy_integration().create_engine(self, hold_for_reconcile=hold_for_reconcile, **engine_kwargs)
 
     async def run_session_transaction(
         self,

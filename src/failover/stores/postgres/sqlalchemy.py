@@ -30,13 +30,14 @@ Why it is built this way:
 * **Reconcile's write hold covers plain sessions.** A connection checked out of
   the pool counts as an operation in flight until it is checked in (or detached),
   like a ``connection()`` block: the final catch-up before failback waits for it,
-  and a checkout during the hold waits for the hold to end (within
-  ``FAILOVER_OPERATION_TIMEOUT``), then takes the route the switch chose. A
-  session's transaction therefore runs wholly before the catch-up or wholly after
-  it, never across it (a write on the fallback after the catch-up would reach the
-  primary only with a later sweep, possibly over a newer write). Checkouts inside
-  :func:`run_session_transaction`, which is admitted as a whole, are not counted
-  again.
+  and a checkout during the hold waits for the hold to end, then takes the route
+  the switch chose; a hold still on after ``FAILOVER_OPERATION_TIMEOUT`` makes it
+  raise :class:`~failover.errors.OperationTimeout` (nothing sent). A session's
+  transaction therefore runs wholly before the catch-up or wholly after it, never
+  across it (a write on the fallback after the catch-up would reach the primary
+  only with a later sweep, possibly over a newer write). Checkouts of this store
+  inside a :func:`run_session_transaction` run, admitted as a whole, are not
+  counted again. ``hold_for_reconcile=False`` turns this off for an engine.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import psycopg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.util import await_only
+from sqlalchemy import util as sa_util
 
 from ...core.endpoint import Role
 from ...core.events import Event, StateChanged, SwitchState
@@ -73,8 +74,22 @@ logger = logging.getLogger("failover.postgres.sqlalchemy")
 
 T = TypeVar("T")
 
-_ADMITTED: contextvars.ContextVar[bool] = contextvars.ContextVar("failover_sqlalchemy_admitted", default=False)
-"""True inside :func:`run_session_transaction`: its checkouts are covered by its own admission."""
+_await: Callable[[Awaitable[Any]], Any] = getattr(sa_util, "await_", None) or sa_util.await_only
+"""Awaits from SQLAlchemy's synchronous pool code, run in a greenlet (``await_only`` before 2.1)."""
+
+
+class _Admitted:
+    """Set in the context of a :func:`run_session_transaction` run: checkouts of its store are
+    covered by the run's own admission while it lasts (not in tasks that outlive it)."""
+
+    __slots__ = ("admission", "active")
+
+    def __init__(self, admission: Any) -> None:
+        self.admission = admission
+        self.active = True
+
+
+_ADMITTED: contextvars.ContextVar[_Admitted | None] = contextvars.ContextVar("failover_sqlalchemy_admitted", default=None)
 _COUNTED = "failover_counted_in_flight"
 """``record_info`` key (kept when a connection is invalidated, unlike ``info``): this checkout is in flight."""
 
@@ -128,11 +143,14 @@ class SQLAlchemyOutcomeUnknown(_FailoverDBAPIError, OutcomeUnknown):
     """
 
 
-def create_engine(store: PostgresStore, **engine_kwargs: Any) -> AsyncEngine:
+def create_engine(store: PostgresStore, *, hold_for_reconcile: bool = True, **engine_kwargs: Any) -> AsyncEngine:
     """An ``AsyncEngine`` (``postgresql+psycopg``) whose connections come from *store*'s active endpoint.
 
     *engine_kwargs* go to ``create_async_engine``; ``url``, ``creator`` and
-    ``async_creator`` are failover's to set.
+    ``async_creator`` are failover's to set. With *hold_for_reconcile* false, checked-out
+    connections are not counted in flight and checkouts do not wait for a reconcile's
+    final catch-up (for connections kept checked out for long: a ``LISTEN`` loop, a long
+    report); a write of theirs racing a failback is then copied by a later sweep.
     """
     for reserved in ("url", "creator", "async_creator"):
         if reserved in engine_kwargs:
@@ -144,8 +162,9 @@ def create_engine(store: PostgresStore, **engine_kwargs: Any) -> AsyncEngine:
         async def connect(endpoint: Any) -> FailoverConnection:
             return await backend.connect(endpoint)
 
-        # Connecting sends no statement: always safe to try the other endpoint.
-        return await failover.run(connect, idempotent=True, label="SQLAlchemy connect")
+        # Connecting sends no statement: always safe to try the other endpoint, and nothing for a
+        # reconcile's write hold to wait for (the checkout below is what it holds).
+        return await failover.run(connect, idempotent=True, label="SQLAlchemy connect", gated=False)
 
     engine = create_async_engine("postgresql+psycopg://", async_creator=connect_to_active, **engine_kwargs)
     sync_engine = engine.sync_engine
@@ -154,19 +173,25 @@ def create_engine(store: PostgresStore, **engine_kwargs: Any) -> AsyncEngine:
 
     @event.listens_for(sync_engine, "checkout")
     def admit_and_discard_stale(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        counted = not _ADMITTED.get()
+        admitted = _ADMITTED.get()
+        counted = hold_for_reconcile and not (admitted is not None and admitted.active and admitted.admission is admission)
         if counted and admission.held:
             # A reconcile's final catch-up: wait for it like a connection() block (SQLAlchemy checks
             # out inside a greenlet, so the wait can be awaited from this synchronous hook); the
             # check below then sends a connection to the endpoint left behind back to the creator.
-            await_only(admission.wait(time.monotonic() + failover.options.operation_timeout))
+            budget = failover.options.operation_timeout
+            _await(admission.wait(time.monotonic() + budget))
+            if admission.held:  # still: going on would write on the fallback during the catch-up
+                raise _held_too_long(failover, budget)
         conn = getattr(dbapi_connection, "driver_connection", None)
         endpoint = getattr(conn, "endpoint", None)
         if endpoint is None or endpoint.role is not failover.active_role:
             raise sa_exc.DisconnectionError("the connection goes to an endpoint that is no longer active")
         if not _socket_alive(conn):  # type: ignore[arg-type]
             raise sa_exc.DisconnectionError(f"{endpoint.name} closed the connection while it was idle")
-        if counted:  # last: a checkout refused above is tried again, and must not count twice
+        # Last, and once per record: a checkout refused here or by a later listener is tried again
+        # on the same record with no checkin in between.
+        if counted and not record.record_info.get(_COUNTED):
             admission.enter()
             record.record_info[_COUNTED] = True
 
@@ -298,13 +323,15 @@ async def run_session_transaction(
         try:
             # Admitted like a connection() block, so a reconcile hold waits for it as a whole.
             async with failover.admission.admitted(runs.deadline):
-                admitted = _ADMITTED.set(True)
+                marker = _Admitted(failover.admission)
+                admitted = _ADMITTED.set(marker)
                 try:
                     async with asyncio.timeout(runs.remaining()):
                         async with session_factory() as session:
                             async with session.begin():
                                 result = await fn(session)
                 finally:
+                    marker.active = False  # for tasks started inside fn, which keep the marker
                     _ADMITTED.reset(admitted)
             return result
         except TimeoutError as exc:
@@ -316,6 +343,15 @@ async def run_session_transaction(
         if not await runs.another():
             raise error
         logger.info("running the session transaction again (run %d of at most %d) after %s", runs.number, runs.attempts, type(error).__name__)
+
+
+def _held_too_long(failover: Any, budget: float) -> BaseException:
+    return OperationTimeout(
+        f"{failover.name}: a reconcile's final catch-up held new operations for {budget:g}s "
+        "(FAILOVER_OPERATION_TIMEOUT); nothing was sent, the session can be run again",
+        store=failover.name,
+        endpoint=None,
+    )
 
 
 def _timed_out(failover: Any, budget: float) -> BaseException:

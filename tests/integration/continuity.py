@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from failover import Databases, OutcomeUnknown, SwitchState
-from failover.core.events import Event, FailoverStarted
+from failover.core.events import Event, FailoverStarted, ReconcileCompleted, ReconcileStarted
 from failover.local import LocalServer
 
 from ..helpers import fast_settings, wait_for
@@ -180,3 +180,15 @@ class AckedWriter(Generic[K]):
 def missing(expected: dict[K, Any], actual: dict[K, Any]) -> list[tuple[K, Any, Any]]:
     """``(key, expected, found)`` for each key whose value in *actual* differs."""
     return [(k, v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v]
+
+
+def sweeps_that_copied(events: list[Event]) -> list[ReconcileCompleted]:
+    """The runs that started as sweeps (not gating a failback) and copied something."""
+    found: list[ReconcileCompleted] = []
+    sweeping = False
+    for event in events:  # one run at a time per process: each Completed follows its Started
+        if isinstance(event, ReconcileStarted):
+            sweeping = not event.gated
+        elif isinstance(event, ReconcileCompleted) and sweeping and event.applied:
+            found.append(event)
+    return found

@@ -103,6 +103,31 @@ async def test_admission_wait_gives_up_at_the_deadline() -> None:
         assert time.monotonic() - started < 1
 
 
+async def test_admission_leave_on_its_loop_from_any_thread() -> None:
+    import threading
+
+    gate = Admission()
+    loop = asyncio.get_running_loop()
+    for _ in range(3):
+        gate.enter()
+    gate.leave_on(loop)  # on the loop: at once
+    assert gate.inflight == 2
+    async with gate.hold():
+        idle = asyncio.create_task(gate.idle())
+        threads = [threading.Thread(target=gate.leave_on, args=(loop,)) for _ in range(2)]
+        for thread in threads:  # as a garbage-collection finalizer would: scheduled on the loop
+            thread.start()
+        for thread in threads:
+            thread.join()
+        await asyncio.wait_for(idle, 1)
+    assert gate.inflight == 0
+    closed = asyncio.new_event_loop()
+    closed.close()
+    gate.enter()
+    gate.leave_on(closed)  # nothing waits on a closed loop: no error
+    assert gate.inflight == 1
+
+
 class MemoryCapture(Capture):
     """Two dicts for two servers, a log of captured keys with before-images."""
 

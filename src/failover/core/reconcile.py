@@ -592,6 +592,19 @@ class Admission:
         if self.inflight <= 0 and self._idle is not None:
             self._idle.set()
 
+    def leave_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """:meth:`leave` on *loop*'s thread: at once when called there, else scheduled on it (a
+        garbage-collection finalizer may run on any thread); nothing if *loop* is closed."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self.leave()
+            return
+        with contextlib.suppress(RuntimeError):  # closed: nothing waits for the count any more
+            loop.call_soon_threadsafe(self.leave)
+
     @contextlib.asynccontextmanager
     async def admitted(self, deadline: float) -> AsyncIterator[None]:
         """Wait for the gate, then count the block as in flight."""

@@ -193,12 +193,13 @@ def create_engine(store: PostgresStore, *, hold_for_reconcile: bool = True, **en
         # on the same record with no checkin in between.
         if counted and not record.record_info.get(_COUNTED):
             admission.enter()
-            record.record_info[_COUNTED] = True
+            record.record_info[_COUNTED] = asyncio.get_running_loop()  # checkouts run in the loop's greenlets
 
     @event.listens_for(sync_engine, "checkin")
     def release(dbapi_connection: Any, record: Any) -> None:
-        if record is not None and record.record_info.pop(_COUNTED, False):
-            admission.leave()
+        loop = record.record_info.pop(_COUNTED, None) if record is not None else None
+        if loop is not None:
+            admission.leave_on(loop)  # a connection garbage-collected unreturned: on any thread
 
     @event.listens_for(sync_engine, "detach")
     def release_detached(dbapi_connection: Any, record: Any) -> None:

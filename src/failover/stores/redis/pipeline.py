@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from collections.abc import Generator
@@ -111,8 +112,10 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
                 # Counted while run() still counts the bind: a final catch-up that began meanwhile
                 # waits for the pipeline as well (counted after run(), it could be let through).
                 self._leave()
-                store.admission.enter()
-                self._in_flight = weakref.finalize(self, store.admission.leave)
+                admission = store.admission
+                admission.enter()
+                self._in_flight = weakref.finalize(self, admission.leave_on, asyncio.get_running_loop())
+                self._in_flight.atexit = False
                 return endpoint, pipe
 
             # Leasing sends nothing, so it may be tried on either endpoint.
@@ -132,6 +135,9 @@ class RedisPipeline(AsyncCoreCommands):  # type: ignore[misc]
             mapped = store.lost_during(endpoint, exc, f"Redis {command_name(args[0])}")
             if mapped is exc:
                 raise
+            # The connection is lost, and with it the WATCH: counted out now, so that an error kept
+            # alive (with this pipeline in its frames) holds no count until reset() or collection.
+            self._leave()
             raise mapped from exc
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:

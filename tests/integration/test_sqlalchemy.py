@@ -445,6 +445,35 @@ async def test_plain_session_writers_lose_no_acknowledged_write_across_an_outage
         await dbs.close()
 
 
+async def test_a_session_kept_open_holds_failback_back_and_says_so(pg_pair: Pair) -> None:
+    primary, fallback = pg_pair
+    create_schema(Base.metadata, primary, fallback)
+    dbs = await databases(primary.url, fallback.url, FAILOVER_RECONCILE_HOLD=0.3)
+    engine = dbs.postgres.sqlalchemy_engine()
+    sessions = async_sessionmaker(engine)
+    try:
+        await asyncio.to_thread(primary.kill)
+        async with sessions() as session, session.begin():  # detects the crash, on the fallback
+            session.add(Item(id=1, note="outage"))
+        assert state(dbs) is SwitchState.ON_FALLBACK
+        async with sessions() as kept:
+            await kept.execute(text("select 1"))  # checked out, and kept so across the failback
+            await asyncio.to_thread(primary.start)
+
+            def held_up() -> bool:
+                run = dbs.status()["postgres"]["reconcile"]["last_run"]
+                return run is not None and "still in flight" in run["result"]
+
+            await wait_for(held_up, 20, "a final catch-up that gave up on the open session")
+            assert state(dbs) is not SwitchState.ON_PRIMARY
+            await kept.commit()
+        await wait_for(lambda: state(dbs) is SwitchState.ON_PRIMARY, 20, "failback once the session closed")
+        assert item_ids(primary) == [1]
+    finally:
+        await engine.dispose()
+        await dbs.close()
+
+
 def load_example() -> ModuleType:
     spec = importlib.util.spec_from_file_location("sqlalchemy_app_under_test", EXAMPLE)
     assert spec is not None and spec.loader is not None

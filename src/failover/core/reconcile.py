@@ -324,6 +324,7 @@ class Reconciler:
         self.last_error: str | None = None
         self.last_run: dict[str, Any] | None = None
         self._rate = 0.0
+        self._held_up_by = 0  # operations still in flight when the last final catch-up ran out
         self._task: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Task[Any] | None = None
 
@@ -420,6 +421,12 @@ class Reconciler:
                     conflicts += c
                     if not ok:
                         result = f"the final catch-up did not fit in the {self.hold:g}s hold; traffic stays on the fallback"
+                        if self._held_up_by > 0:
+                            result += (
+                                f" ({self._held_up_by} operation(s) still in flight: a connection() block, "
+                                "SQLAlchemy session or WATCH pipeline kept open longer than the hold)"
+                            )
+                            logger.warning("%s: reconcile: %s", store.name, result)
                         store._switch.finish_reconcile(False, "reconcile hold ran out", TransitionCause.HOLD_RAN_OUT)
                         return
                 self.backlog = 0
@@ -500,6 +507,7 @@ class Reconciler:
         started = time.monotonic()
         ok = False
         counts = [0, 0]
+        self._held_up_by = 0
 
         async def catch_up() -> None:
             await store.admission.idle()
@@ -524,6 +532,7 @@ class Reconciler:
             elif task in done:
                 raise task.exception()  # type: ignore[misc]
             else:
+                self._held_up_by = store.admission.inflight  # what the catch-up still waited for
                 task.cancel()  # copying again later is harmless: final states, idempotent
                 task.add_done_callback(_consume)
         held = time.monotonic() - started

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-from failover import Databases, OutcomeUnknown, SwitchState
+from failover import Databases, OutcomeUnknown, SwitchState, TransactionRolledBack
 from failover.core.events import Event, FailoverStarted, ReconcileCompleted, ReconcileStarted
 from failover.local import LocalServer
 
@@ -192,3 +192,70 @@ def sweeps_that_copied(events: list[Event]) -> list[ReconcileCompleted]:
         elif isinstance(event, ReconcileCompleted) and sweeping and event.applied:
             found.append(event)
     return found
+
+
+class OwnedKeyWriters(Generic[K]):
+    """One writer task per key, each the only one to write its key: ``write(key, n)`` for n = 1, 2, ...
+    stores a value derived from *n* and returns it.
+
+    ``final`` holds each key's last acknowledged value. A write that raises one of *not_applied*
+    (rolled back) leaves the last value standing; ``OutcomeUnknown`` takes the key out of the check
+    until a later write of it is acknowledged; anything else goes to ``errors``.
+    """
+
+    def __init__(
+        self,
+        keys: list[K],
+        write: Callable[[K, int], Awaitable[Any]],
+        not_applied: tuple[type[BaseException], ...] = (TransactionRolledBack,),
+    ) -> None:
+        self.keys = keys
+        self._write = write
+        self._not_applied = not_applied
+        self.final: dict[K, Any] = {}
+        self.unknown: set[K] = set()
+        self.errors: list[BaseException] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _run(self, key: K) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            try:
+                value = await self._write(key, n)
+            except self._not_applied:
+                continue
+            except OutcomeUnknown:
+                self.unknown.add(key)
+                continue
+            except Exception as exc:  # noqa: BLE001 - tests assert none
+                self.errors.append(exc)
+                await asyncio.sleep(0.05)
+                continue
+            self.final[key] = value
+            self.unknown.discard(key)
+
+    def start(self) -> OwnedKeyWriters[K]:
+        self._tasks = [asyncio.create_task(self._run(key)) for key in self.keys]
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 30)
+
+    async def until_every_key_written(self, since: dict[K, Any] | None = None, timeout: float = 20) -> None:
+        """Wait until each key has an acknowledged write (one that differs from *since*, if given)."""
+        since = since or {}
+        await wait_for(
+            lambda: len(self.final) == len(self.keys) and all(self.final[k] != since.get(k) for k in self.keys),
+            timeout,
+            "a write of every key",
+        )
+
+    def expected(self) -> dict[K, Any]:
+        """The last acknowledged value of every key whose last write has a known outcome."""
+        assert not self.errors, self.errors[:3]
+        expected = {k: v for k, v in self.final.items() if k not in self.unknown}
+        assert len(expected) >= len(self.keys) * 3 // 4, (self.final, self.unknown)
+        return expected

@@ -4,6 +4,7 @@ after failback, read back with the raw driver."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -18,13 +19,16 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import WatchError
 
-from failover import Databases, SwitchState
+from failover import Databases, SwitchState, TransactionRolledBack
+from failover.core.events import Event
 from failover.core.endpoint import Role
 from failover.local import LocalServer
-from failover.stores.redis.capture import RedisCapture
+from failover.stores.redis.capture import DIRTY, RedisCapture
 
 from ..helpers import Traffic, fast_settings, wait_for
+from .continuity import OwnedKeyWriters, missing, sweeps_that_copied
 
 pytestmark = pytest.mark.integration
 
@@ -574,85 +578,59 @@ async def test_watched_transactions_lose_no_acknowledged_write_across_an_outage_
     pair: tuple[LocalServer, LocalServer],
 ) -> None:
     """8 writers, each the only one to write its key, with WATCH ... MULTI/EXEC pipelines that stay
-    bound ~50 ms (a read-modify-write's work): kill the primary, write on the fallback, restart it.
+    bound ~150 ms (a read-modify-write's work): kill the primary, write on the fallback, restart it.
     A pipeline bound to the fallback across the final catch-up would EXEC there after failback,
     and the sweep would later copy that write over the key's newer ones on the primary."""
-    from failover.core.events import Event
-    from failover.errors import OutcomeUnknown, TransactionRolledBack
-    from redis.exceptions import WatchError
-
-    from .continuity import sweeps_that_copied
-
     primary, fallback = pair
     dbs = await databases(primary, fallback, FAILOVER_OPERATION_TIMEOUT=5)  # above the hold (2 s)
     events: list[Event] = []
     dbs.subscribe(events.append)
-    final: dict[bytes, bytes] = {}
-    unknown: set[bytes] = set()
-    errors: list[BaseException] = []
-    stop = asyncio.Event()
 
-    async def writer(key: bytes) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                async with dbs.redis.pipeline() as pipe:
-                    await pipe.watch(key)
-                    await asyncio.sleep(0.05)  # the pipeline stays bound to its endpoint
-                    pipe.multi()
-                    pipe.set(key, n)
-                    await pipe.execute()
-            except (TransactionRolledBack, WatchError):
-                continue  # not applied: the last acknowledged value stands
-            except OutcomeUnknown:
-                unknown.add(key)
-                continue
-            except Exception as exc:  # noqa: BLE001 - asserted empty below
-                errors.append(exc)
-                await asyncio.sleep(0.05)
-                continue
-            final[key] = str(n).encode()
-            unknown.discard(key)
+    async def write(key: bytes, n: int) -> bytes:
+        async with dbs.redis.pipeline() as pipe:
+            await pipe.watch(key)
+            await asyncio.sleep(0.15)  # bound to its endpoint longer than a final catch-up takes
+            pipe.multi()
+            pipe.set(key, n)
+            await pipe.execute()
+        return str(n).encode()
 
     keys = [f"watched:{w}".encode() for w in range(8)]
-    writers = [asyncio.create_task(writer(key)) for key in keys]
+    writers = OwnedKeyWriters(keys, write, not_applied=(TransactionRolledBack, WatchError)).start()
     try:
-        await wait_for(lambda: len(final) == 8, 20, "every key written once")
+        await writers.until_every_key_written()
         await outage(dbs, primary)
-        on_fallback = dict(final)
-        await wait_for(lambda: sum(final[k] != on_fallback.get(k) for k in final) >= 8, 20, "writes on the fallback")
+        await writers.until_every_key_written(since=dict(writers.final))  # on the fallback
         await failback(dbs, primary)
         await asyncio.sleep(1.0)  # writers go on on the primary
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*writers), 30)
+        await writers.stop()
         reconcile = dbs.store("redis").reconciler
         assert reconcile is not None
         await wait_for(lambda: not reconcile.running and reconcile.backlog == 0, 20, "sweeps")
         assert dbs.store("redis").admission.inflight == 0  # every bound pipeline counted out
+        expected = writers.expected()
         # One process: every write made on the fallback was copied before failback, so a sweep (a
         # run with no hold) that finds one means a pipeline ran across the final catch-up.
         swept = sweeps_that_copied(events)
         assert not swept, swept
-        assert not errors, errors[:3]
+        on_fallback = raw(fallback)
+        try:  # nor one waiting for a sweep
+            assert not await on_fallback.exists(DIRTY)
+        finally:
+            await on_fallback.aclose()
         client = raw(primary)
         try:
             on_primary = {k: await client.get(k) for k in keys}
         finally:
             await client.aclose()
-        expected = {k: v for k, v in final.items() if k not in unknown}
-        assert len(expected) >= 6, (final, unknown)
-        wrong = {k: (v, on_primary.get(k)) for k, v in expected.items() if on_primary.get(k) != v}
-        assert not wrong, f"(acknowledged, on the primary) per key: {wrong}"
+        wrong = missing(expected, on_primary)
+        assert not wrong, f"(key, acknowledged, on the primary): {wrong}"
     finally:
-        stop.set()
-        await asyncio.gather(*writers, return_exceptions=True)
+        await writers.stop()
         await dbs.close()
 
 
 async def test_a_watched_pipeline_counts_as_in_flight_until_reset_or_dropped(pair: tuple[LocalServer, LocalServer]) -> None:
-    import gc
-
     primary, fallback = pair
     dbs = await databases(primary, fallback)
     admission = dbs.store("redis").admission

@@ -32,7 +32,7 @@ from failover.local import LocalServer
 from failover.local.proxy import FaultProxy, proxied_url
 
 from ..helpers import FAST, fast_settings, wait_for
-from .continuity import sweeps_that_copied
+from .continuity import OwnedKeyWriters, missing, sweeps_that_copied
 from .test_service import http_server
 
 pytestmark = pytest.mark.integration
@@ -364,7 +364,7 @@ async def test_a_session_whose_server_died_is_no_longer_counted_in_flight(pg_pai
 
 
 async def test_plain_session_writers_lose_no_acknowledged_write_across_an_outage_and_failback(pg_pair: Pair) -> None:
-    """8 writers, each the only one to write its key, through plain sessions that stay open ~50 ms
+    """8 writers, each the only one to write its key, through plain sessions that stay open ~150 ms
     (a request's work): kill the primary, write on the fallback, restart it; after reconcile,
     failback and the sweeps, the primary holds every key's last acknowledged value. A transaction
     left running across the final catch-up would commit on the fallback after failback, and the
@@ -379,51 +379,27 @@ async def test_plain_session_writers_lose_no_acknowledged_write_across_an_outage
     engine = dbs.postgres.sqlalchemy_engine(pool_size=8)
     sessions = async_sessionmaker(engine)
     upsert = text("insert into sa_items (id, note) values (:id, :note) on conflict (id) do update set note = excluded.note")
-    final: dict[int, str] = {}
-    unknown: set[int] = set()
-    errors: list[BaseException] = []
-    stop = asyncio.Event()
 
-    async def writer(keys: range) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            for key in keys:
-                try:
-                    async with sessions() as session, session.begin():
-                        await session.execute(upsert, {"id": key, "note": str(n)})
-                        await asyncio.sleep(0.05)  # the transaction stays open, its connection in flight
-                except TransactionRolledBack:
-                    continue  # rolled back: the last acknowledged value stands
-                except OutcomeUnknown:
-                    unknown.add(key)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - asserted empty below
-                    errors.append(exc)
-                    continue
-                final[key] = str(n)
-                unknown.discard(key)  # acknowledged since: its value is known again
+    async def write(key: int, n: int) -> str:
+        async with sessions() as session, session.begin():
+            await session.execute(upsert, {"id": key, "note": str(n)})
+            await asyncio.sleep(0.15)  # open, its connection in flight, longer than a final catch-up takes
+        return str(n)
 
-    writers = [asyncio.create_task(writer(range(w, w + 1))) for w in range(1, 9)]
+    writers = OwnedKeyWriters(list(range(1, 9)), write).start()
     try:
-        await wait_for(lambda: len(final) == 8, 20, "every key written once")
+        await writers.until_every_key_written()
         await asyncio.to_thread(primary.kill)
         await wait_for(lambda: state(dbs) is SwitchState.ON_FALLBACK, 10, "failover")
-        on_fallback = dict(final)
-        await wait_for(lambda: sum(final[k] != on_fallback.get(k) for k in final) >= 8, 20, "writes on the fallback")
+        await writers.until_every_key_written(since=dict(writers.final))  # on the fallback
         await asyncio.to_thread(primary.start)
         await wait_for(lambda: state(dbs) is SwitchState.ON_PRIMARY, 30, "failback after reconcile")
         await asyncio.sleep(1.0)  # writers go on on the primary
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*writers), 30)
+        await writers.stop()
         reconcile = dbs.store("postgres").reconciler
         assert reconcile is not None
-
-        def swept() -> bool:
-            return not reconcile.running and reconcile.backlog == 0
-
-        await wait_for(swept, 20, "sweeps of what was left on the fallback")
-        assert not errors, errors[:3]
+        await wait_for(lambda: not reconcile.running and reconcile.backlog == 0, 20, "sweeps")
+        expected = writers.expected()
         # One process: every write made on the fallback was copied before failback, so a sweep (a
         # run with no hold) that finds one means a transaction ran across the final catch-up. The
         # sweep copied it over the key's newer writes on the primary (which later writes here
@@ -434,13 +410,10 @@ async def test_plain_session_writers_lose_no_acknowledged_write_across_an_outage
             assert conn.execute("select count(*) from failover.changes").fetchone() == (0,)
         with psycopg.connect(primary.url, connect_timeout=2) as conn:
             on_primary = dict(conn.execute("select id, note from sa_items").fetchall())
-        expected = {k: v for k, v in final.items() if k not in unknown}
-        assert len(expected) >= 6, (final, unknown)
-        wrong = {k: (v, on_primary.get(k)) for k, v in expected.items() if on_primary.get(k) != v}
-        assert not wrong, f"(acknowledged, on the primary) per key: {wrong}"
+        wrong = missing(expected, on_primary)
+        assert not wrong, f"(key, acknowledged, on the primary): {wrong}"
     finally:
-        stop.set()
-        await asyncio.gather(*writers, return_exceptions=True)
+        await writers.stop()
         await engine.dispose()
         await dbs.close()
 

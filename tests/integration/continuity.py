@@ -259,3 +259,34 @@ class OwnedKeyWriters(Generic[K]):
         expected = {k: v for k, v in self.final.items() if k not in self.unknown}
         assert len(expected) >= len(self.keys) * 3 // 4, (self.final, self.unknown)
         return expected
+
+
+async def across_an_outage(
+    store: Continuity, dbs: Databases, primary: LocalServer, writers: OwnedKeyWriters[Any]
+) -> dict[Any, Any]:
+    """Run *writers* through a kill of *primary*, writes of every key on the fallback, its restart and
+    the failback, then 1 s more on the primary; wait for the sweeps and return
+    :meth:`OwnedKeyWriters.expected`.
+
+    One process: every write made on the fallback is copied before failback, so a sweep that copied
+    one means a transaction ran across the final catch-up (and was copied over the key's newer writes
+    on the primary, which later writes may have overwritten again): asserted here.
+    """
+    events: list[Event] = []
+    unsubscribe = dbs.subscribe(events.append)
+    writers.start()
+    try:
+        await writers.until_every_key_written()
+        await store.outage(dbs, primary)
+        await writers.until_every_key_written(since=dict(writers.final))  # on the fallback
+        await store.failback(dbs, primary)
+        await asyncio.sleep(1.0)  # writers go on on the primary
+    finally:
+        await writers.stop()
+        unsubscribe()
+    reconcile = dbs.store(store.store).reconciler
+    assert reconcile is not None
+    await wait_for(lambda: not reconcile.running and reconcile.backlog == 0, 20, "sweeps")
+    swept = sweeps_that_copied(events)
+    assert not swept, swept
+    return writers.expected()

@@ -27,12 +27,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from failover import Databases, OperationTimeout, OutcomeUnknown, SwitchState, TransactionRolledBack
-from failover.core.events import Event
 from failover.local import LocalServer
 from failover.local.proxy import FaultProxy, proxied_url
 
 from ..helpers import FAST, fast_settings, wait_for
-from .continuity import OwnedKeyWriters, missing, sweeps_that_copied
+from .continuity import Continuity, OwnedKeyWriters, across_an_outage, missing
 from .test_service import http_server
 
 pytestmark = pytest.mark.integration
@@ -374,8 +373,6 @@ async def test_plain_session_writers_lose_no_acknowledged_write_across_an_outage
     # An operation timeout above the hold (2 s): a checkout that waits out a slow catch-up must
     # not give up (it would be counted as an error here).
     dbs = await databases(primary.url, fallback.url, FAILOVER_OPERATION_TIMEOUT=5)
-    events: list[Event] = []
-    dbs.subscribe(events.append)
     engine = dbs.postgres.sqlalchemy_engine(pool_size=8)
     sessions = async_sessionmaker(engine)
     upsert = text("insert into sa_items (id, note) values (:id, :note) on conflict (id) do update set note = excluded.note")
@@ -386,26 +383,9 @@ async def test_plain_session_writers_lose_no_acknowledged_write_across_an_outage
             await asyncio.sleep(0.15)  # open, its connection in flight, longer than a final catch-up takes
         return str(n)
 
-    writers = OwnedKeyWriters(list(range(1, 9)), write).start()
     try:
-        await writers.until_every_key_written()
-        await asyncio.to_thread(primary.kill)
-        await wait_for(lambda: state(dbs) is SwitchState.ON_FALLBACK, 10, "failover")
-        await writers.until_every_key_written(since=dict(writers.final))  # on the fallback
-        await asyncio.to_thread(primary.start)
-        await wait_for(lambda: state(dbs) is SwitchState.ON_PRIMARY, 30, "failback after reconcile")
-        await asyncio.sleep(1.0)  # writers go on on the primary
-        await writers.stop()
-        reconcile = dbs.store("postgres").reconciler
-        assert reconcile is not None
-        await wait_for(lambda: not reconcile.running and reconcile.backlog == 0, 20, "sweeps")
-        expected = writers.expected()
-        # One process: every write made on the fallback was copied before failback, so a sweep (a
-        # run with no hold) that finds one means a transaction ran across the final catch-up. The
-        # sweep copied it over the key's newer writes on the primary (which later writes here
-        # happened to overwrite again).
-        swept_writes = sweeps_that_copied(events)
-        assert not swept_writes, swept_writes
+        writers = OwnedKeyWriters(list(range(1, 9)), write)
+        expected = await across_an_outage(Continuity("postgres"), dbs, primary, writers)
         with psycopg.connect(fallback.url, connect_timeout=2) as conn:  # nor one waiting for a sweep
             assert conn.execute("select count(*) from failover.changes").fetchone() == (0,)
         with psycopg.connect(primary.url, connect_timeout=2) as conn:
@@ -413,7 +393,6 @@ async def test_plain_session_writers_lose_no_acknowledged_write_across_an_outage
         wrong = missing(expected, on_primary)
         assert not wrong, f"(key, acknowledged, on the primary): {wrong}"
     finally:
-        await writers.stop()
         await engine.dispose()
         await dbs.close()
 

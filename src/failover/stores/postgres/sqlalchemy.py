@@ -53,8 +53,8 @@ from typing import Any, TypeVar
 import psycopg
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy import util as sa_util
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ...core.endpoint import Role
 from ...core.events import Event, StateChanged, SwitchState
